@@ -1,0 +1,31 @@
+# Set-up and entry points. `make test` and `make demo` create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The tested CPU build of torch. pyproject.toml stays loose (torch>=2.4); an
+# unpinned install would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m ppm_core.demo --out demo_output
+
+bench: $(STAMP)
+	$(PY) benchmarks/prior_throughput.py | tee docs/prior_throughput.md
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,187 @@
+"""The ``ppm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("ppm")
+
+
+def _parse_mults(text: str) -> list[int]:
+    try:
+        mults = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--channel-mults must be comma-separated integers such as 1,2,2; got {text!r}") from None
+    if not mults or min(mults) < 1:
+        raise argparse.ArgumentTypeError(f"--channel-mults must be positive integers; got {text!r}")
+    return mults
+
+
+def _default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def _add_train_prior(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-prior",
+        help="train a diffusion prior on a folder of images or a synthetic generator",
+        description="Train a diffusion prior by denoising score matching. Runs under "
+        "`torchrun --nproc_per_node=K` for data-parallel training.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder of TIFF/FITS/PNG training images (searched recursively)")
+    source.add_argument("--synthetic", help="name of a synthetic generator (see --list-generators)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (config.json, model.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    p.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step over all processes (default: %(default)s)")
+    p.add_argument("--crop-size", type=int, default=64, help="side of square training crops in pixels (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--ema-halflife", type=float, default=500.0, help="EMA half-life in steps (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss log lines (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--base-channels", type=int, default=32, help="U-Net channels at full resolution (default: %(default)s)")
+    p.add_argument("--channel-mults", type=_parse_mults, default=[1, 2, 2], help="channel multiplier per resolution (default: 1,2,2)")
+    p.add_argument("--blocks-per-level", type=int, default=2, help="residual blocks per resolution (default: %(default)s)")
+    p.add_argument(
+        "--normalization",
+        choices=["percentile", "none"],
+        default="percentile",
+        help="intensity normalization of folder images: per-image percentiles to [-1, 1], or none (default: %(default)s)",
+    )
+    p.add_argument("--percentiles", type=float, nargs=2, default=[0.1, 99.9], metavar=("LOW", "HIGH"), help="percentiles mapped to -1 and 1 (default: 0.1 99.9)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=_run_train_prior)
+
+
+def _run_train_prior(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .priors.unet import UNetConfig
+    from .training import FolderSource, SyntheticSource, TrainConfig, train_prior
+
+    if args.data is not None:
+        if not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
+            raise ValueError(f"--percentiles must satisfy 0 <= LOW < HIGH <= 100; got {args.percentiles}")
+        normalization = {"method": args.normalization}
+        if args.normalization == "percentile":
+            normalization |= {"low": args.percentiles[0], "high": args.percentiles[1]}
+        source = FolderSource(args.data, normalization)
+    else:
+        source = SyntheticSource(args.synthetic)
+    unet_config = UNetConfig(
+        in_channels=source.channels,
+        base_channels=args.base_channels,
+        channel_mults=args.channel_mults,
+        blocks_per_level=args.blocks_per_level,
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        lr=args.lr,
+        ema_halflife=args.ema_halflife,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        seed=args.seed,
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with tqdm(total=config.steps, desc="train-prior", disable=not is_main or None, unit="step") as bar:
+
+        def report(state: dict) -> None:
+            bar.n = state["step"]
+            bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+            bar.update(0)
+
+        train_prior(source, args.out, unet_config, config, resume=args.resume, device=args.device or _default_device(), callback=report)
+    if is_main:
+        logger.info("prior written to %s", args.out)
+    return 0
+
+
+def _add_sample_prior(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample-prior", help="draw unconditional samples from a prior into a PNG grid")
+    p.add_argument("prior", type=Path, help="prior folder (config.json + model.safetensors)")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="sample side in pixels (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=32, help="Heun sampler noise levels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file for the grid")
+    p.add_argument("--tiff", type=Path, default=None, help="also write the samples as a float32 TIFF stack (prior's normalized space)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=_run_sample_prior)
+
+
+def _run_sample_prior(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .figures import image_grid
+    from .io import atomic_path, save_png
+    from .priors import load_prior
+    from .sampling import edm_sampler
+
+    for name in ("n", "size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    device = args.device or _default_device()
+    prior = load_prior(args.prior, device=device)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.n, prior.in_channels, args.size, args.size)
+    with tqdm(total=args.steps, desc="sample-prior", unit="step") as bar:
+
+        def report(state: dict) -> None:
+            bar.update(1)
+
+        samples = edm_sampler(prior, shape, steps=args.steps, generator=generator, device=device, callback=report)
+    samples = samples.cpu()
+    save_png(args.out, image_grid(samples, prior.normalization))
+    logger.info("wrote %d samples to %s", args.n, args.out)
+    if args.tiff is not None:
+        import tifffile
+
+        with atomic_path(args.tiff) as tmp:
+            tifffile.imwrite(tmp, samples.numpy().astype("float32"))
+        logger.info("wrote sample stack to %s", args.tiff)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppm", description="Bayesian image reconstruction with diffusion priors (Principled Posterior Matching).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_prior(subparsers)
+    _add_sample_prior(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

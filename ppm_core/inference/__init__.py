@@ -1,0 +1,22 @@
+"""Posterior inference: PPM particle VI and baselines on the same prior interface."""
+
+from .api import DEFAULTS, METHODS, reconstruct
+from .auxiliary import AUX_KINDS, GaussianFitAuxiliary, KernelDensityAuxiliary, NetworkAuxiliary, ResidualAuxiliary
+from .common import DivergenceError, LogUniformSigma, Posterior, ReconstructionCancelled
+from .ppm import ppm_surrogate
+
+__all__ = [
+    "AUX_KINDS",
+    "DEFAULTS",
+    "METHODS",
+    "DivergenceError",
+    "GaussianFitAuxiliary",
+    "KernelDensityAuxiliary",
+    "LogUniformSigma",
+    "NetworkAuxiliary",
+    "Posterior",
+    "ReconstructionCancelled",
+    "ResidualAuxiliary",
+    "ppm_surrogate",
+    "reconstruct",
+]

@@ -1,0 +1,253 @@
+"""Auxiliary score models ``s_phi ≈ s_q`` of the current samples.
+
+An auxiliary exposes ``denoiser(x, sigma)`` like a prior and ``fit(particles, generator)``,
+which takes a few steps of denoising score matching on fresh noisy copies of the particles
+(or, for the exact kinds, recomputes the score from them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..priors.base import Prior, as_sigma
+from ..priors.network import DiffusionPrior
+from .common import LogUniformSigma
+
+AUX_KINDS = ("lora", "full", "residual", "kde", "gaussian")
+
+
+class Auxiliary(nn.Module):
+    """Base class: the denoiser of the distribution of the current particles."""
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        """Update the model to the current particles; return the last training loss, or ``None`` for exact kinds."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[Auxiliary]:
+        """Disable gradients into the auxiliary's parameters while the particles take a step."""
+        flags = [p.requires_grad for p in self.parameters()]
+        self.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p, flag in zip(self.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+class KernelDensityAuxiliary(Auxiliary):
+    """Exact score of the kernel density ``(1/N) sum_j N(x_j, sigma^2 I)`` of the particles.
+
+    Exact for the empirical distribution, but in high dimension with few particles each noisy
+    particle sits next to its own centre, so the entropy force vanishes at small sigma.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres: Tensor | None = None
+
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        self.centres = particles.detach().clone()
+        return None
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        if self.centres is None:
+            raise RuntimeError("KernelDensityAuxiliary.fit must be called before denoiser")
+        sigma_b = as_sigma(sigma, x).reshape(-1, 1)
+        flat, centres = x.reshape(x.shape[0], -1), self.centres.reshape(self.centres.shape[0], -1)
+        weights = torch.softmax(-torch.cdist(flat, centres) ** 2 / (2 * sigma_b**2), dim=1)
+        return (weights @ centres).reshape(x.shape)
+
+
+class GaussianFitAuxiliary(Auxiliary):
+    """Exact denoiser of a Gaussian fitted to the particles (mean and covariance).
+
+    Right when the target is Gaussian and there are more particles than dimensions; an
+    oracle for closed-form tests, not a general-purpose auxiliary.
+    """
+
+    def __init__(self, jitter: float = 1e-6) -> None:
+        super().__init__()
+        self.jitter = jitter
+        self.mean: Tensor | None = None
+
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        flat = particles.detach().reshape(particles.shape[0], -1)
+        self.mean = flat.mean(0)
+        cov = torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1])
+        cov = cov + self.jitter * torch.eye(flat.shape[1], dtype=flat.dtype)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(cov)
+        self.eigenvalues = self.eigenvalues.clamp_min(0)
+        return None
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        if self.mean is None:
+            raise RuntimeError("GaussianFitAuxiliary.fit must be called before denoiser")
+        sigma_b = as_sigma(sigma, x).reshape(-1, 1)
+        coeffs = (x.reshape(x.shape[0], -1) - self.mean) @ self.eigenvectors
+        shrink = self.eigenvalues / (self.eigenvalues + sigma_b**2)
+        return (self.mean + (coeffs * shrink) @ self.eigenvectors.T).reshape(x.shape)
+
+
+class TrainedAuxiliary(Auxiliary):
+    """Base of auxiliaries trained by denoising score matching on the particles.
+
+    ``L_aux = E lambda(sigma) ||D_phi(x0 + sigma eps, sigma) - x0||^2`` with the EDM weighting
+    ``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` and sigma drawn from the same
+    proposal as the particle step, so the auxiliary is accurate where that step puts its weight.
+    """
+
+    def __init__(self, proposal: LogUniformSigma, steps: int, lr: float, sigma_data: float):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"aux_steps must be >= 1; got {steps}")
+        if lr <= 0:
+            raise ValueError(f"aux_lr must be positive; got {lr}")
+        self.proposal = proposal
+        self.steps = steps
+        self.lr = lr
+        self.sigma_data = sigma_data
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
+        x0 = particles.detach()
+        loss = torch.tensor(float("nan"))
+        for _ in range(self.steps):
+            sigma = self.proposal.sample(x0.shape[0], generator, dtype=x0.dtype).to(x0.device)
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+            denoised = self.denoiser(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma)
+            loss = (weight.reshape(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+        return float(loss.detach())
+
+
+class NetworkAuxiliary(TrainedAuxiliary):
+    """Copy of a network prior, adapted with LoRA (``mode="lora"``) or fine-tuned in full.
+
+    The copy starts equal to the prior, so the PPM prior term is zero at the first step. LoRA
+    adapters (``peft``) go on the residual blocks' convolutions and noise-embedding layers.
+    """
+
+    LORA_TARGETS = ("conv0", "conv1", "affine")
+
+    def __init__(self, prior: DiffusionPrior, proposal: LogUniformSigma, mode: str = "lora", steps: int = 1, lr: float = 1e-3, rank: int = 8):
+        super().__init__(proposal, steps, lr, prior.sigma_data)
+        self.model = copy.deepcopy(prior)
+        if mode == "full":
+            self.model.requires_grad_(True)
+        elif mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            if rank < 1:
+                raise ValueError(f"lora_rank must be >= 1; got {rank}")
+            config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(self.LORA_TARGETS))
+            self.model.net = inject_adapter_in_model(config, self.model.net)
+            self.model.requires_grad_(False)
+            for name, p in self.model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+        else:
+            raise ValueError(f"mode must be 'lora' or 'full'; got {mode!r}")
+        self.model.train()
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        return self.model.denoiser(x, sigma)
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        flat = torch.cat([x.reshape(x.shape[0], -1), c_noise.reshape(-1, 1)], dim=1)
+        return self.body(flat).reshape(x.shape)
+
+
+class _ResidualConv(nn.Module):
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, channels, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        noise_map = c_noise.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
+        return self.body(torch.cat([x, noise_map], dim=1))
+
+
+class ResidualAuxiliary(TrainedAuxiliary):
+    """The prior's denoiser plus a learned, zero-initialized residual network.
+
+    ``D_phi(x, sigma) = D_p(x, sigma) + c_out(sigma) R(c_in(sigma) x, ln(sigma)/4)`` with EDM's
+    ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``) and a small
+    convolutional network for images. Works with any prior, analytic ones included.
+    """
+
+    def __init__(self, prior: Prior, event_shape: tuple[int, int, int], proposal: LogUniformSigma, steps: int = 2, lr: float = 1e-3, width: int | None = None, sigma_data: float = 1.0):
+        super().__init__(proposal, steps, lr, sigma_data)
+        self.prior = prior
+        channels, height, width_px = event_shape
+        if height == 1:
+            self.residual = _ResidualMLP(channels * width_px, width or 256)
+            last = self.residual.body[-1]
+        else:
+            self.residual = _ResidualConv(channels, width or 32)
+            last = self.residual.body[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.residual.parameters() if p.requires_grad]
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        sigma_b = as_sigma(sigma, x)
+        c_in = 1 / (sigma_b**2 + self.sigma_data**2).sqrt()
+        c_out = sigma_b * self.sigma_data * c_in
+        with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
+            prior_denoised = self.prior.denoiser(x, sigma)
+        return prior_denoised + c_out * self.residual(c_in * x, sigma_b.log().reshape(-1) / 4)
+
+
+def make_auxiliary(
+    kind: str,
+    prior: Prior,
+    event_shape: tuple[int, int, int],
+    proposal: LogUniformSigma,
+    steps: int,
+    lr: float,
+    lora_rank: int,
+    sigma_data: float | None = None,
+) -> Auxiliary:
+    """Build the auxiliary named ``kind`` (one of ``AUX_KINDS``)."""
+    if kind == "kde":
+        return KernelDensityAuxiliary()
+    if kind == "gaussian":
+        return GaussianFitAuxiliary()
+    if kind in ("lora", "full"):
+        if not isinstance(prior, DiffusionPrior):
+            raise ValueError(f"aux={kind!r} needs a network prior (DiffusionPrior); for {type(prior).__name__} use aux='residual', 'kde' or 'gaussian'")
+        return NetworkAuxiliary(prior, proposal, mode=kind, steps=steps, lr=lr, rank=lora_rank)
+    if kind == "residual":
+        sd = sigma_data if sigma_data is not None else getattr(prior, "sigma_data", 1.0)
+        return ResidualAuxiliary(prior, event_shape, proposal, steps=steps, lr=lr, sigma_data=sd)
+    raise ValueError(f"aux must be one of {AUX_KINDS}; got {kind!r}")
