@@ -24,8 +24,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ppm_core.demo --out demo_output
 
+# Each page is written to a temporary file first, so a failed run leaves the old page.
 bench: $(STAMP)
-	$(PY) benchmarks/prior_throughput.py | tee docs/prior_throughput.md
+	$(PY) benchmarks/prior_throughput.py > docs/prior_throughput.md.tmp
+	mv docs/prior_throughput.md.tmp docs/prior_throughput.md
+	$(PY) benchmarks/exact_posterior.py --figure docs/mixture_particles.png > docs/benchmarks.md.tmp
+	mv docs/benchmarks.md.tmp docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -3,14 +3,20 @@
 Run as ``python benchmarks/prior_throughput.py > docs/prior_throughput.md``; progress goes to
 stderr. Each number is the median over timed repetitions after one warm-up repetition. A
 measurement repeats until it has used ``--budget`` seconds, with at least ``--min-repeats`` and at
-most ``--max-repeats`` timed repetitions. On a 2-core CPU the default settings take about
-2.5 minutes, most of it the three 256x256 training steps.
+most ``--max-repeats`` timed repetitions. With the default settings a run took 162 s on an
+idle 2-core AMD EPYC (torch 2.13), most of it in the four 256x256 training steps.
+
+NOTE: on CPU with glibc malloc, large batches spend most of their time in page faults because
+freed activations go back to the kernel. On the machine above, 8x256x256 denoising took 4.1 s
+per call by default and 1.3 s with ``MALLOC_MMAP_THRESHOLD_=4294967296``, so the 256x256 rows
+measure the allocator as much as the network.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -130,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         devices.append(torch.device("cuda"))
     n_parameters = sum(p.numel() for p in DiffusionPrior(UNetConfig()).parameters())
 
+    # Other processes on the machine distort the numbers, so the load average goes into the record.
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     rows = [row for device in devices for row in benchmark_device(device, args)]
     elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
 
     print("# Prior throughput\n")
     print(
@@ -145,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nMedian of n timed repetitions after one warm-up. A training step is one `train_prior` "
         f"iteration (synthetic blob crops, EDM loss, backward, Adam, EMA); the denoiser runs without "
-        f"gradients. Produced by `python benchmarks/prior_throughput.py` in {elapsed:.0f} s."
+        f"gradients. Produced by `python benchmarks/prior_throughput.py` in {elapsed:.0f} s; "
+        f"1-minute load average {load_before:.2f} before and {load_after:.2f} after."
     )
     return 0
 

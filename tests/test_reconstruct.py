@@ -63,8 +63,15 @@ class _PoisonedPrior(GaussianPrior):
         return out * float("nan") if self.calls > self.poison_after else out
 
 
-def test_nan_names_the_term(problem):
+def test_nan_in_prior_sampler_rejected(problem):
     prior = _PoisonedPrior(problem.prior.mean, problem.prior.cov, poison_after=5)
+    with pytest.raises(DivergenceError, match="prior's sampler returned NaN"):
+        reconstruct(problem.y, problem.operator, prior, n_samples=4, steps=20, aux="kde")
+
+
+def test_nan_names_the_term(problem):
+    # init='prior' makes 63 denoiser calls (32 Heun steps) before the first particle step.
+    prior = _PoisonedPrior(problem.prior.mean, problem.prior.cov, poison_after=70)
     with pytest.raises(DivergenceError, match="prior term became NaN or infinite at iteration .*sigma_min"):
         reconstruct(problem.y, problem.operator, prior, n_samples=4, steps=20, aux="kde")
 

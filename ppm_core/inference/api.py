@@ -35,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "weighting": "kl",
         "sigma_min": 0.01,
         "sigma_max": 20.0,
-        "init": "noise",
+        "init": "prior",
         "init_scale": 1.0,
         "data_weight": 1.0,
     },
@@ -86,7 +86,8 @@ def reconstruct(
         ``aux`` ("lora", "full", "residual", "kde", "gaussian"), ``aux_steps``, ``aux_lr``,
         ``lora_rank``, ``distance`` ("l2", "pseudo-huber"), ``huber_c``, ``weighting``
         ("kl" is the exact KL, w = sigma; others change the target), ``sigma_min``,
-        ``sigma_max``, ``lr``, ``lr_milestones``, ``lr_gamma``, ``init`` ("noise", "adjoint"),
+        ``sigma_max``, ``lr``, ``lr_milestones``, ``lr_gamma``, ``init`` ("prior": prior samples, where the auxiliary,
+        a copy of the prior at the start, is exact; "noise"; "adjoint"),
         ``init_scale`` and ``data_weight`` (1 targets p(x|y); other values temper the
         likelihood and so target a different distribution).
 
@@ -109,6 +110,11 @@ def reconstruct(
     if prior.event_shape is not None and tuple(prior.event_shape) != tuple(operator.in_shape):
         raise ValueError(f"the prior is defined on images of shape {tuple(prior.event_shape)} but the operator's in_shape is {tuple(operator.in_shape)}")
 
+    return _run(y, operator, prior, method, n_samples, seed, callback, settings)
+
+
+def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: int, callback: Callback | None, settings: dict) -> Posterior:
+    """Run ``method`` with validated ``settings`` (see :func:`reconstruct`)."""
     dtype = prior.dtype
     y = prepare_measurement(y, operator).to(dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -118,7 +124,7 @@ def reconstruct(
         samples, history = dps(y, operator, prior, n_samples, settings["steps"], generator, settings["zeta"], settings["sigma_min"], settings["sigma_max"], callback, dtype)
         return Posterior(samples, history, method, settings)
 
-    x = initial_particles(settings["init"], n_samples, operator, y, generator, settings["init_scale"], dtype)
+    x = initial_particles(settings["init"], n_samples, operator, y, generator, settings["init_scale"], dtype, prior=prior)
     aux = None
     extra_gradient = None
     if method in ("red-diff", "rlsd"):

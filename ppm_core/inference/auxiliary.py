@@ -181,43 +181,56 @@ class _ResidualMLP(nn.Module):
 
 
 class _ResidualConv(nn.Module):
-    def __init__(self, channels: int, width: int):
+    """Convolutional residual fed the noisy image, a noise-level map and per-pixel context maps."""
+
+    def __init__(self, channels: int, width: int, context_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels + 1 + context_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, channels, 3, padding=1),
         )  # fmt: skip
 
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor) -> Tensor:
         noise_map = c_noise.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
-        return self.body(torch.cat([x, noise_map], dim=1))
+        return self.body(torch.cat([x, noise_map, context.expand(x.shape[0], -1, -1, -1)], dim=1))
 
 
 class ResidualAuxiliary(TrainedAuxiliary):
     """The prior's denoiser plus a learned, zero-initialized residual network.
 
     ``D_phi(x, sigma) = D_p(x, sigma) + c_out(sigma) R(c_in(sigma) x, ln(sigma)/4)`` with EDM's
-    ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``) and a small
-    convolutional network for images. Works with any prior, analytic ones included.
+    ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``), which sees every
+    coordinate, and a small convolutional network for images. A convolution cannot tell where
+    in the image it is, yet the particles' spread varies from pixel to pixel (observed or
+    hidden, in focus or not), so the convolutional residual also receives the particles'
+    per-pixel mean and log standard deviation, refreshed at each :meth:`fit`.
     """
 
     def __init__(self, prior: Prior, event_shape: tuple[int, int, int], proposal: LogUniformSigma, steps: int = 2, lr: float = 1e-3, width: int | None = None, sigma_data: float = 1.0):
         super().__init__(proposal, steps, lr, sigma_data)
         self.prior = prior
         channels, height, width_px = event_shape
-        if height == 1:
+        self.is_vector = height == 1
+        if self.is_vector:
             self.residual = _ResidualMLP(channels * width_px, width or 256)
-            last = self.residual.body[-1]
         else:
-            self.residual = _ResidualConv(channels, width or 32)
-            last = self.residual.body[-1]
+            self.residual = _ResidualConv(channels, width or 32, context_channels=2 * channels)
+        self.register_buffer("context", torch.zeros(1, 2 * channels, height, width_px))
+        last = self.residual.body[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.residual.parameters() if p.requires_grad]
+
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        if not self.is_vector:
+            x0 = particles.detach()
+            spread = x0.std(dim=0, keepdim=True) if x0.shape[0] > 1 else torch.ones_like(x0[:1])
+            self.context = torch.cat([x0.mean(dim=0, keepdim=True), spread.clamp_min(1e-6).log()], dim=1).to(self.context.dtype)
+        return super().fit(particles, generator)
 
     def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         sigma_b = as_sigma(sigma, x)
@@ -225,7 +238,10 @@ class ResidualAuxiliary(TrainedAuxiliary):
         c_out = sigma_b * self.sigma_data * c_in
         with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
             prior_denoised = self.prior.denoiser(x, sigma)
-        return prior_denoised + c_out * self.residual(c_in * x, sigma_b.log().reshape(-1) / 4)
+        c_noise = sigma_b.log().reshape(-1) / 4
+        if self.is_vector:
+            return prior_denoised + c_out * self.residual(c_in * x, c_noise)
+        return prior_denoised + c_out * self.residual(c_in * x, c_noise, self.context)
 
 
 def make_auxiliary(

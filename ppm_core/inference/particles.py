@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..sampling import edm_sampler
 from .auxiliary import Auxiliary
 from .common import Callback, DivergenceError, check_finite, data_nll, report
 
@@ -33,14 +34,23 @@ def initial_particles(
     generator: torch.Generator,
     init_scale: float,
     dtype: torch.dtype,
+    prior=None,
+    prior_sampler_steps: int = 32,
 ) -> Tensor:
     """Starting particles, shape ``(n, *operator.in_shape)``.
 
+    ``"prior"``: samples of the prior from the EDM sampler (``init_scale`` is not used).
     ``"noise"``: ``init_scale * N(0, I)``. ``"adjoint"``: ``alpha A^T y`` plus that noise, with
     ``alpha`` the least-squares scale that makes ``A(alpha A^T y)`` closest to ``y`` (plain
     ``A^T y`` is badly scaled for averaging operators).
     """
     shape = (n, *operator.in_shape)
+    if init == "prior":
+        # q starts at the prior, where an auxiliary initialized as the prior is exact.
+        samples = edm_sampler(prior, shape, steps=prior_sampler_steps, generator=generator).to(dtype)
+        if not bool(torch.isfinite(samples).all()):
+            raise DivergenceError("the prior's sampler returned NaN or infinite values for init='prior'; check the prior, or use init='noise'")
+        return samples
     noise = init_scale * torch.randn(shape, generator=generator, dtype=dtype)
     if init == "noise":
         return noise
@@ -52,7 +62,7 @@ def initial_particles(
             forward = operator.A(back)
             alpha = (forward * y).sum() / (forward**2).sum().clamp_min(1e-30)
         return alpha * back + noise
-    raise ValueError(f"init must be 'noise' or 'adjoint'; got {init!r}")
+    raise ValueError(f"init must be 'prior', 'noise' or 'adjoint'; got {init!r}")
 
 
 def run_particles(

@@ -151,9 +151,18 @@ def train_prior(
     DiffusionPrior
         The EMA prior, in eval mode.
     """
-    config = config or TrainConfig()
-    device = torch.device(device)
-    out_dir = Path(out_dir)
+    return _train(source, Path(out_dir), unet_config, config or TrainConfig(), resume, torch.device(device), callback)
+
+
+def _train(
+    source: ImageSource,
+    out_dir: Path,
+    unet_config: UNetConfig | None,
+    config: TrainConfig,
+    resume: bool,
+    device: torch.device,
+    callback: Callable[[dict], bool | None] | None,
+) -> DiffusionPrior:
     rank, world_size = _distributed_context(device)
     config.validate(world_size)
     local_batch = config.batch_size // world_size
