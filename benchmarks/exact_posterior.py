@@ -81,7 +81,7 @@ def main() -> None:
           "to as many exact draws (the floor row is the distance between two independent exact sets).")
 
     gaussian = linear_gaussian_problem()
-    mixtures = [mixture_problem(0.0), mixture_problem(0.5)]
+    mixtures = [mixture_problem(), mixture_problem(projection=(1.0, -1.5), y_value=0.8)]
     columns = ["mean error / std", "std ratio", "90% coverage", "sliced W2", "wall time (s)"]
     band_rows = []
     scatter = {}

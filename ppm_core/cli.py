@@ -30,6 +30,8 @@ def _default_device() -> str:
 
 
 def _add_train_prior(subparsers: argparse._SubParsersAction) -> None:
+    from .training.data import SYNTHETIC_GENERATORS
+
     p = subparsers.add_parser(
         "train-prior",
         help="train a diffusion prior on a folder of images or a synthetic generator",
@@ -38,7 +40,7 @@ def _add_train_prior(subparsers: argparse._SubParsersAction) -> None:
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="folder of TIFF/FITS/PNG training images (searched recursively)")
-    source.add_argument("--synthetic", help="name of a synthetic generator (see --list-generators)")
+    source.add_argument("--synthetic", choices=sorted(SYNTHETIC_GENERATORS), help="name of a synthetic image generator")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (config.json, model.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--steps", type=int, default=20000, help="total optimizer steps (default: %(default)s)")
@@ -168,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.INFO
+    if args.verbose:
+        level = logging.DEBUG
+    elif args.quiet:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

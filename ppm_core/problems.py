@@ -41,20 +41,20 @@ def linear_gaussian_problem(dim: int = 16, n_measurements: int = 8, noise_std: f
     return ExactProblem("linear-gaussian", prior, operator, y, prior.posterior(matrix, noise_std, y))
 
 
-def mixture_problem(shift: float = 0.0, y_value: float = 0.5, noise_std: float = 0.3) -> ExactProblem:
-    """Two-component 2-D Gaussian mixture seen through one projection that cannot tell the modes apart.
+def mixture_problem(shift: float = 0.0, y_value: float = 0.5, noise_std: float = 0.3, projection: tuple[float, float] = (1.0, -2.0)) -> ExactProblem:
+    """Two-component 2-D Gaussian mixture seen through one noisy projection ``y = a^T x + noise``.
 
     Components at ``(-2, -1)`` and ``(2, 1)`` plus ``shift * (2, 1)``, covariance ``0.25 I``,
-    weights 1/2; ``y = x_1 - 2 x_2 + noise``. Both modes project to 0, so the posterior is
-    bimodal with the prior's weights. With ``shift = 0`` the problem is symmetric under
-    ``x -> -x``; a positive shift moves both modes along their axis, away from the origin.
+    weights 1/2. With the default ``a = (1, -2)`` both modes project to 0, so the posterior is
+    bimodal with the prior's weights, and with ``shift = 0`` symmetric under ``x -> -x``. Other
+    projections make the data favour one mode, so the posterior weights differ from the prior's.
     """
     means = torch.tensor([[-2.0, -1.0], [2.0, 1.0]], dtype=torch.float64) + shift * torch.tensor([2.0, 1.0], dtype=torch.float64)
     covs = torch.stack([0.25 * torch.eye(2, dtype=torch.float64)] * 2)
     prior = GaussianMixturePrior(torch.tensor([0.5, 0.5], dtype=torch.float64), means, covs)
-    matrix = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    matrix = torch.tensor([projection], dtype=torch.float64)
     y = torch.tensor([y_value], dtype=torch.float64).reshape(1, 1, 1)
-    name = "mixture" if shift == 0 else f"mixture-shifted-{shift:g}"
+    name = "mixture" if (shift, tuple(projection)) == (0.0, (1.0, -2.0)) else f"mixture a=({projection[0]:g}, {projection[1]:g}), y={y_value:g}"
     return ExactProblem(name, prior, MatrixOperator(matrix, noise_std=noise_std), y, prior.posterior(matrix, noise_std, y))
 
 

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("ppm", "ppm-sim", "red-diff", "rlsd", "ikl", "dps")
 
-#: Defaults per method. Values not from a paper are our choices and say so in the docstring.
+#: Defaults per method. Values that no paper gives are our choices, as the docstrings state.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ppm": {
         "steps": 1000,

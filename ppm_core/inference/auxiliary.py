@@ -201,8 +201,8 @@ class ResidualAuxiliary(TrainedAuxiliary):
     """The prior's denoiser plus a learned, zero-initialized residual network.
 
     ``D_phi(x, sigma) = D_p(x, sigma) + c_out(sigma) R(c_in(sigma) x, ln(sigma)/4)`` with EDM's
-    ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``), which sees every
-    coordinate, and a small convolutional network for images. A convolution cannot tell where
+    ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``), which takes every
+    coordinate as input, and a small convolutional network for images. A convolution cannot tell where
     in the image it is, yet the particles' spread varies from pixel to pixel (observed or
     hidden, in focus or not), so the convolutional residual also receives the particles'
     per-pixel mean and log standard deviation, refreshed at each :meth:`fit`.

@@ -24,7 +24,7 @@ def descending_sigmas(steps: int, sigma_max: float, sigma_min: float) -> Tensor:
 
 
 def gaussian_noise_std(operator) -> float:
-    """The operator's Gaussian ``noise_std`` as a float; ``ValueError`` for other noise models."""
+    """Return the operator's Gaussian ``noise_std`` as a float, raising ``ValueError`` for other noise models."""
     noise = getattr(operator, "noise", None)
     noise_std = getattr(noise, "noise_std", None)
     if noise_std is None or torch.as_tensor(noise_std).numel() != 1:

@@ -15,7 +15,7 @@ Callback = Callable[[dict], "bool | None"]
 
 
 class ReconstructionCancelled(RuntimeError):
-    """Raised when a callback asks a reconstruction to stop; the inputs are left untouched."""
+    """Raised when a callback requests that a reconstruction stop. The inputs are left untouched."""
 
 
 class DivergenceError(FloatingPointError):
@@ -128,6 +128,6 @@ def data_nll(operator: Any, x: Tensor, y: Tensor) -> Tensor:
 
 
 def report(callback: Callback | None, state: dict) -> None:
-    """Send ``state`` to the callback and raise :class:`ReconstructionCancelled` if it asks to stop."""
+    """Send ``state`` to the callback and raise :class:`ReconstructionCancelled` if it requests a stop."""
     if callback is not None and callback(state):
         raise ReconstructionCancelled(f"reconstruction cancelled at iteration {state.get('iteration')}")

@@ -1,9 +1,9 @@
 """A compact, fully convolutional U-Net for score-based priors.
 
-We write our own instead of using diffusers' ``UNet2DModel`` for three reasons: it has no
+We write our own instead of using diffusers' ``UNet2DModel`` for three reasons. It has no
 attention layers, so its cost is linear in the number of pixels and a prior trained on 64x64
-crops applies to any image size; its layer names are few and stable, which keeps LoRA target
-lists short; and it avoids a large dependency for about 150 lines of code.
+crops applies to any image size. Its layer names are few and stable, which keeps LoRA target
+lists short. And it avoids a large dependency for about 150 lines of code.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ NORMALIZATION_METHODS = ("percentile", "fixed", "none")
 def normalization_params(normalization: dict, image: Tensor | np.ndarray) -> dict:
     """Return ``{"offset", "scale"}`` so that ``(image - offset) / scale`` is in the prior's space.
 
-    ``"percentile"`` maps the image's ``low`` and ``high`` percentiles to -1 and 1 (one pair per
-    image, so brightness differences between acquisitions do not matter); ``"fixed"`` uses the
-    recorded offset and scale; ``"none"`` leaves intensities as they are.
+    ``"percentile"`` maps the image's ``low`` and ``high`` percentiles to -1 and 1. The pair is
+    computed per image, so brightness differences between acquisitions do not matter.
+    ``"fixed"`` uses the recorded offset and scale, and ``"none"`` leaves intensities as they are.
     """
     method = normalization.get("method", "none")
     if method == "none":

@@ -141,7 +141,7 @@ def train_prior(
         Training images (a folder or a synthetic generator).
     out_dir : path
         Checkpoint folder: ``model.safetensors`` (EMA weights) and ``config.json`` form the
-        prior; ``training_state/`` holds what ``resume`` needs.
+        prior; ``training_state/`` contains what ``resume`` needs.
     callback : callable, optional
         Called after every step with ``{"step", "steps", "loss", "lr"}``; returning ``True``
         stops training after a checkpoint is written.
