@@ -72,7 +72,6 @@ def test_sample_prior_seed_reproducible(prior_dir, tmp_path):
 
 
 USER_ERRORS = [
-    ("unknown generator", ["train-prior", "--synthetic", "nope", "--out", "{tmp}/p", *TINY_TRAIN_ARGS], r"unknown synthetic generator 'nope'; available: blobs, gaussian-field"),
     ("missing data folder", ["train-prior", "--data", "{tmp}/absent", "--out", "{tmp}/p", *TINY_TRAIN_ARGS], r"training folder not found: {tmp}/absent"),
     ("missing prior folder", ["sample-prior", "{tmp}/absent", "--out", "{tmp}/grid.png"], r"prior folder not found: {tmp}/absent"),
     ("zero samples", ["sample-prior", "{tmp}", "--n", "0", "--out", "{tmp}/grid.png"], r"--n must be >= 1; got 0"),
@@ -95,6 +94,11 @@ def test_invalid_arguments_exit_2(tmp_path, capsys):
         main(["train-prior", "--synthetic", "blobs"])
     assert excinfo.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as excinfo:
+        main(["train-prior", "--synthetic", "nope", "--out", str(tmp_path)])
+    assert excinfo.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as excinfo:
         main(["train-prior", "--synthetic", "blobs", "--out", str(tmp_path), "--channel-mults", "1,x"])

@@ -3,6 +3,11 @@
 Each is scaled to our units: the data term is the operator's negative log-likelihood (for
 Gaussian noise ``||y - A x||^2 / (2 noise_std^2)``) and the prior works in the VE (EDM)
 parametrization ``x_sigma = x0 + sigma eps``.
+
+Defaults: RED-Diff's ``lam = 0.25`` and Adam learning rate 0.1 are its official values; DPS's
+``zeta = 0.5`` lies in the original's range of 0.3 to 1.0. RLSD's ``gamma = 1`` and IKL's
+log-uniform noise-level weighting with ``ikl_weight = 1`` are our choices, because those papers
+tune them per task.
 """
 
 from __future__ import annotations
