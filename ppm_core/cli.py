@@ -21,12 +21,37 @@ def _parse_mults(text: str) -> list[int]:
     return mults
 
 
-def _default_device() -> str:
+def _resolve_device(requested: str | None) -> str:
+    """Return the requested torch device, or cuda (this process's local rank) when available, else cpu."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
+    if requested is None:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu or cuda:0; got {requested!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested} requested but this torch build or machine has no CUDA device; use --device cpu")
+    return requested
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """Raise before any work starts if ``path`` cannot be written as a file."""
+    if path.is_dir():
+        raise ValueError(f"{option} must be a file path; {path} is a folder")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be written: {parent} is not a writable folder")
+
+
+def _check_output_folder(path: Path, option: str) -> None:
+    """Raise before any work starts if ``path`` cannot be used as an output folder."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} must be a folder; {path} is a file")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be created: {existing} is not a writable folder")
 
 
 def _add_train_prior(subparsers: argparse._SubParsersAction) -> None:
@@ -96,6 +121,10 @@ def _run_train_prior(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         seed=args.seed,
     )
+    _check_output_folder(args.out, "--out")
+    if not args.resume and (args.out / "config.json").exists():
+        raise ValueError(f"--out {args.out} already contains a prior; pass --resume to continue training it, or choose another folder")
+    device = _resolve_device(args.device)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with tqdm(total=config.steps, desc="train-prior", disable=not is_main or None, unit="step") as bar:
 
@@ -104,7 +133,7 @@ def _run_train_prior(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
             bar.update(0)
 
-        train_prior(source, args.out, unet_config, config, resume=args.resume, device=args.device or _default_device(), callback=report)
+        train_prior(source, args.out, unet_config, config, resume=args.resume, device=device, callback=report)
     if is_main:
         logger.info("prior written to %s", args.out)
     return 0
@@ -132,10 +161,13 @@ def _run_sample_prior(args: argparse.Namespace) -> int:
     from .priors import load_prior
     from .sampling import edm_sampler
 
-    for name in ("n", "size", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    device = args.device or _default_device()
+    for name, minimum in (("n", 1), ("size", 1), ("steps", 2)):
+        if getattr(args, name) < minimum:
+            raise ValueError(f"--{name} must be >= {minimum}; got {getattr(args, name)}")
+    _check_output_file(args.out, "--out")
+    if args.tiff is not None:
+        _check_output_file(args.tiff, "--tiff")
+    device = _resolve_device(args.device)
     prior = load_prior(args.prior, device=device)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.n, prior.in_channels, args.size, args.size)
@@ -181,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
 
         with logging_redirect_tqdm():
             return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    except FloatingPointError as exc:
+        logger.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130

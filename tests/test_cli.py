@@ -218,3 +218,29 @@ def test_save_png_round_trip(tmp_path):
         values = np.asarray(png)
     np.testing.assert_array_equal(values, (image * 255 + 0.5).astype(np.uint8))
 
+
+
+def test_train_prior_keeps_existing_prior(prior_dir, caplog):
+    before = (prior_dir / "model.safetensors").read_bytes()
+    with caplog.at_level(logging.ERROR, logger="ppm"):
+        assert main(["train-prior", "--synthetic", "blobs", "--out", str(prior_dir), *TINY_TRAIN_ARGS]) == 2
+    assert "already contains a prior; pass --resume" in caplog.text
+    assert (prior_dir / "model.safetensors").read_bytes() == before
+
+
+def test_output_paths_checked_before_work(prior_dir, tmp_path, caplog):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.ERROR, logger="ppm"):
+        assert main(["train-prior", "--synthetic", "blobs", "--out", str(blocker / "sub"), *TINY_TRAIN_ARGS]) == 2
+        assert main(["sample-prior", str(prior_dir), "--n", "1", "--size", "8", "--steps", "2", "--out", str(tmp_path / "g.png"), "--tiff", str(blocker / "x.tif")]) == 2
+    assert f"{blocker} is not a writable folder" in caplog.text
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_prior_files_readable_by_others(prior_dir):
+    # Files are written through a 0600 temporary file and must end with the umask's permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (prior_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask

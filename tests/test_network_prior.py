@@ -278,3 +278,26 @@ def test_invalid_config_values_raise(tmp_path, change, match):
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | change))
     with pytest.raises(ValueError, match=match):
         load_prior(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"sigma_data": 0}, "sigma_data' must be a positive finite number"),
+        ({"sigma_data": "nan"}, "sigma_data' must be a positive finite number"),
+        ({"normalization": {"method": "weird"}}, "normalization method must be one of"),
+        ({"architecture": {"in_channels": "one"}}, "in_channels must be a positive integer"),
+        ({"architecture": {"base_channels": 0}}, "base_channels must be a positive integer"),
+    ],
+)
+def test_invalid_config_values_rejected(tmp_path, change, match):
+    prior = DiffusionPrior(UNetConfig(base_channels=8, channel_mults=[1, 2], blocks_per_level=1, embedding_dim=16))
+    prior.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if "architecture" in change:
+        config["architecture"] |= change["architecture"]
+    else:
+        config |= change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        load_prior(tmp_path)

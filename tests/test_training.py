@@ -119,7 +119,9 @@ def test_callback_stops_training(tmp_path):
         ({"steps": 0}, r"steps must be >= 1; got 0"),
         ({"batch_size": 0}, r"batch_size must be >= 1; got 0"),
         ({"crop_size": -1}, r"crop_size must be >= 1; got -1"),
-        ({"lr": 0.0}, r"lr must be positive; got 0.0"),
+        ({"lr": 0.0}, r"lr must be a positive finite number; got 0.0"),
+        ({"lr": float("nan")}, r"lr must be a positive finite number; got nan"),
+        ({"ema_halflife": -5.0}, r"ema_halflife must be positive; got -5.0"),
     ],
 )
 def test_invalid_train_config_raises(tmp_path, changes, match):
@@ -313,3 +315,19 @@ def test_cli_under_torchrun(tmp_path):
     assert config["training"]["world_size"] == 2
     assert config["trained_steps"] == 4
     assert load_prior(out).unet_config.base_channels == 8
+
+
+def test_constant_image_rejected_by_percentiles(tmp_path):
+    import tifffile
+
+    from ppm_core.training import FolderSource
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    sparse = np.zeros((64, 64), dtype=np.float32)
+    sparse[[5, 30, 50], [7, 33, 60]] = 100.0  # 3 of 4096 pixels: the 0.1 and 99.9 percentiles are both 0
+    tifffile.imwrite(folder / "sparse.tif", sparse)
+    with pytest.raises(ValueError, match=r"sparse\.tif: the 0\.1 and 99\.9 percentiles of the image are equal \(0\)"):
+        FolderSource(folder)
+    source = FolderSource(folder, {"method": "none"})
+    assert float(source.images[0].max()) == 100.0

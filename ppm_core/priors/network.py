@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+#: Ways of mapping raw intensities to a prior's space; see ``ppm_core.training.data.normalization_params``.
+NORMALIZATION_METHODS = ("percentile", "fixed", "none")
 
 
 class DiffusionPrior(Prior):
@@ -147,8 +150,14 @@ class DiffusionPrior(Prior):
         try:
             unet_config = UNetConfig(**config["architecture"])
             sigma_data = float(config["sigma_data"])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"prior config is missing or has invalid 'architecture'/'sigma_data': {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"prior config is missing or has invalid 'architecture'/'sigma_data': {exc!r}") from exc
+        unet_config.validate()
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"prior config 'sigma_data' must be a positive finite number; got {config['sigma_data']!r}")
+        method = (config.get("normalization") or {}).get("method", "none")
+        if method not in NORMALIZATION_METHODS:
+            raise ValueError(f"prior config normalization method must be one of {NORMALIZATION_METHODS}; got {method!r}")
         return cls(unet_config, sigma_data, config.get("normalization"), config.get("training_data"))
 
 
@@ -183,10 +192,15 @@ def load_prior(directory: str | os.PathLike, device: str | torch.device = "cpu")
         state = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"prior weights {weights_path} are corrupt or not a safetensors file: {exc}") from exc
-    try:
-        prior.net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"prior weights {weights_path} do not match the architecture in {CONFIG_NAME}: {exc}") from exc
+    expected = {k: tuple(v.shape) for k, v in prior.net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        mismatched = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        raise ValueError(
+            f"prior weights {weights_path} do not match the architecture in {CONFIG_NAME}: "
+            f"{len(mismatched)} tensor(s) differ, first {mismatched[0]!r} (expected {expected.get(mismatched[0])}, found {found.get(mismatched[0])})"
+        )
+    prior.net.load_state_dict(state, strict=True)
     non_finite = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if non_finite:
         raise ValueError(f"prior weights {weights_path} contain NaN or infinite values in {non_finite[:3]}")

@@ -27,6 +27,23 @@ class UNetConfig:
     embedding_dim: int = 128  # noise-level embedding width
     dropout: float = 0.0
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        for name in ("in_channels", "base_channels", "blocks_per_level", "embedding_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.channel_mults, list) or not self.channel_mults or not all(isinstance(m, int) and m >= 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be a non-empty list of positive integers; got {self.channel_mults!r}")
+        for mult in self.channel_mults:
+            channels = self.base_channels * mult
+            if channels % min(8, channels):
+                raise ValueError(f"base_channels * channel_mults must be multiples of 8 (group normalization); got {channels}")
+        if self.embedding_dim % 2:
+            raise ValueError(f"embedding_dim must be even; got {self.embedding_dim}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
@@ -80,6 +97,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
+        config.validate()
         self.config = config
         emb_dim = config.embedding_dim
         self.embedding = FourierEmbedding(emb_dim)

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from ..io import IMAGE_SUFFIXES, read_image
+from ..priors.network import NORMALIZATION_METHODS
 
 logger = logging.getLogger(__name__)
 
-NORMALIZATION_METHODS = ("percentile", "fixed", "none")
 
 
 def normalization_params(normalization: dict, image: Tensor | np.ndarray) -> dict:
@@ -34,8 +34,12 @@ def normalization_params(normalization: dict, image: Tensor | np.ndarray) -> dic
     if method == "percentile":
         values = torch.as_tensor(image).detach().float().reshape(-1).cpu().numpy()
         low, high = np.percentile(values, [normalization["low"], normalization["high"]])
-        scale = max((high - low) / 2, 1e-12 * max(abs(high), 1.0))
-        return {"offset": float((high + low) / 2), "scale": float(scale)}
+        if not high > low:
+            raise ValueError(
+                f"the {normalization['low']} and {normalization['high']} percentiles of the image are equal ({low:.6g}), "
+                "so percentile normalization is undefined; use wider percentiles or normalization 'none'"
+            )
+        return {"offset": float((high + low) / 2), "scale": float((high - low) / 2)}
     raise ValueError(f"normalization method must be one of {NORMALIZATION_METHODS}; got {method!r}")
 
 
@@ -86,7 +90,10 @@ class FolderSource(ImageSource):
         for path in paths:
             data = read_image(path)
             image = torch.from_numpy(data if data.ndim == 3 else data[None])
-            params = normalization_params(self.normalization, image)
+            try:
+                params = normalization_params(self.normalization, image)
+            except ValueError as exc:
+                raise ValueError(f"training image {path}: {exc} (--percentiles, --normalization)") from exc
             self.images.append((image - params["offset"]) / params["scale"])
         channels = {im.shape[0] for im in self.images}
         if len(channels) != 1:

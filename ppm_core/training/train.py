@@ -46,8 +46,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "crop_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive; got {self.lr}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise ValueError(f"lr must be a positive finite number; got {self.lr}")
+        if not self.ema_halflife > 0:
+            raise ValueError(f"ema_halflife must be positive; got {self.ema_halflife}")
         if self.batch_size % world_size:
             raise ValueError(f"batch_size must be a multiple of the number of processes ({world_size}); got {self.batch_size}")
 
