@@ -164,6 +164,8 @@ def _run_sample_prior(args: argparse.Namespace) -> int:
     for name, minimum in (("n", 1), ("size", 1), ("steps", 2)):
         if getattr(args, name) < minimum:
             raise ValueError(f"--{name} must be >= {minimum}; got {getattr(args, name)}")
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file; got {args.out}")
     _check_output_file(args.out, "--out")
     if args.tiff is not None:
         _check_output_file(args.tiff, "--tiff")

@@ -244,3 +244,9 @@ def test_prior_files_readable_by_others(prior_dir):
     os.umask(umask)
     for name in ("model.safetensors", "config.json"):
         assert (prior_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_sample_prior_requires_png(prior_dir, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="ppm"):
+        assert main(["sample-prior", str(prior_dir), "--n", "1", "--size", "8", "--steps", "2", "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "--out must be a .png file" in caplog.text

@@ -94,6 +94,9 @@ def test_divergence_names_the_learning_rate(problem):
         ({"sigma_min": 5.0, "sigma_max": 1.0}, ValueError, "sigma_min < sigma_max"),
         ({"init": "zeros"}, ValueError, "init must be"),
         ({"zeta": 1.0}, ValueError, "unknown option"),
+        ({"n_samples": True}, ValueError, "n_samples must be a positive integer"),
+        ({"steps": 2.5}, TypeError, "steps must be an integer or None"),
+        ({"seed": None}, TypeError, "seed must be an integer"),
     ],
 )
 def test_invalid_options_rejected(problem, kwargs, error, pattern):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import torch
@@ -98,13 +99,17 @@ def reconstruct(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if not isinstance(n_samples, int) or n_samples < 1:
+    if not _is_int(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}")
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an integer; got {seed!r}")
+    if steps is not None and not _is_int(steps):
+        raise TypeError(f"steps must be an integer or None; got {steps!r}")
     unknown = set(options) - set(DEFAULTS[method])
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; allowed: {sorted(DEFAULTS[method])}")
     settings = DEFAULTS[method] | options
-    settings["steps"] = settings["steps"] if steps is None else steps
+    settings["steps"] = settings["steps"] if steps is None else int(steps)
     if settings["steps"] < 1:
         raise ValueError(f"steps must be >= 1; got {settings['steps']}")
     if prior.event_shape is not None and tuple(prior.event_shape) != tuple(operator.in_shape):
@@ -115,6 +120,7 @@ def reconstruct(
 
 def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: int, callback: Callback | None, settings: dict) -> Posterior:
     """Run ``method`` with validated ``settings`` (see :func:`reconstruct`)."""
+    n_samples, seed = int(n_samples), int(seed)
     dtype = prior.dtype
     y = prepare_measurement(y, operator).to(dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -171,6 +177,10 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
         extra_gradient=extra_gradient,
     )
     return Posterior(samples, history, method, settings)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _numel(shape) -> int:
