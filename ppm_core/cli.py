@@ -133,7 +133,9 @@ def _run_train_prior(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
             bar.update(0)
 
-        train_prior(source, args.out, unet_config, config, resume=args.resume, device=device, callback=report)
+        # With --resume the checkpoint's architecture is used; pass the options only if they were changed.
+        requested = unet_config if not args.resume or unet_config != UNetConfig(in_channels=source.channels) else None
+        train_prior(source, args.out, requested, config, resume=args.resume, device=device, callback=report)
     if is_main:
         logger.info("prior written to %s", args.out)
     return 0

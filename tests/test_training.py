@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -331,3 +332,15 @@ def test_constant_image_rejected_by_percentiles(tmp_path):
         FolderSource(folder)
     source = FolderSource(folder, {"method": "none"})
     assert float(source.images[0].max()) == 100.0
+
+
+def test_resume_records_new_training_data(tmp_path, caplog):
+    from ppm_core.training import SyntheticSource
+
+    train_prior(SyntheticSource("blobs"), tmp_path, TINY_UNET, _tiny_config(2))
+    with caplog.at_level(logging.WARNING, logger="ppm_core.training.train"):
+        train_prior(SyntheticSource("gaussian-field"), tmp_path, None, _tiny_config(4), resume=True)
+    assert "resuming on different training data" in caplog.text
+    recorded = json.loads((tmp_path / "config.json").read_text())["training_data"]
+    assert recorded["generator"] == "blobs"
+    assert recorded["resumed_with"]["generator"] == "gaussian-field"

@@ -173,7 +173,13 @@ def _train(
     torch.manual_seed(config.seed)
     if resume:
         prior = load_prior(out_dir, device=device)
+        if unet_config is not None and unet_config != prior.unet_config:
+            logger.warning("resume ignores the requested architecture %s; the checkpoint's %s is used", unet_config, prior.unet_config)
         unet_config, sigma_data = prior.unet_config, prior.sigma_data
+        latest = prior.data_description.get("resumed_with", prior.data_description)
+        if source.describe() != latest:
+            logger.warning("resuming on different training data than the checkpoint's (%s); the config records both", latest)
+            prior.data_description = prior.data_description | {"resumed_with": source.describe()}
         ema = copy.deepcopy(prior)
         prior.requires_grad_(True).train()
     else:
