@@ -1,8 +1,8 @@
 """PPM and the baselines against posteriors known in closed form.
 
-Tolerances come from the number of particles N: the mean of N draws has standard error
-``std / sqrt(N)`` and their standard deviation ``std / sqrt(2 N)``; a mode's share of N draws
-has standard error ``sqrt(w (1 - w) / N)``. Each check allows four standard errors.
+Tolerances come from the number of particles N. The mean of N draws has standard error
+``std / sqrt(N)`` and their standard deviation has ``std / sqrt(2 N)``. A mode's share of N
+draws has standard error ``sqrt(w (1 - w) / N)``. Each check allows four standard errors.
 """
 
 import math
@@ -47,8 +47,8 @@ def test_ppm_matches_linear_gaussian_posterior(gaussian, aux):
 
 
 def test_ppm_kde_matches_two_dimensional_posterior():
-    # The kernel-density auxiliary is exact for the particles but needs overlapping kernels,
-    # which 2-D with 400 particles has (in 16-D it collapses; see the next test).
+    # The kernel-density auxiliary is exact for the particles but needs overlapping kernels.
+    # 400 particles in 2-D have them, but 256 in 16-D do not (see the next test).
     from ppm_core.operators import MatrixOperator
     from ppm_core.priors import GaussianPrior
 

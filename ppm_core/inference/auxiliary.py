@@ -202,10 +202,10 @@ class ResidualAuxiliary(TrainedAuxiliary):
 
     ``D_phi(x, sigma) = D_p(x, sigma) + c_out(sigma) R(c_in(sigma) x, ln(sigma)/4)`` with EDM's
     ``c_in`` and ``c_out``. ``R`` is an MLP for vector problems (``H = 1``), which takes every
-    coordinate as input, and a small convolutional network for images. A convolution cannot tell where
-    in the image it is, yet the particles' spread varies from pixel to pixel (observed or
-    hidden, in focus or not), so the convolutional residual also receives the particles'
-    per-pixel mean and log standard deviation, refreshed at each :meth:`fit`.
+    coordinate as input, and a small convolutional network for images. A convolution cannot
+    tell where in the image it is, yet the particles' spread varies from pixel to pixel
+    (observed or hidden, in focus or not). So the convolutional residual also receives the
+    particles' per-pixel mean and log standard deviation, refreshed at each :meth:`fit`.
     """
 
     def __init__(self, prior: Prior, event_shape: tuple[int, int, int], proposal: LogUniformSigma, steps: int = 2, lr: float = 1e-3, width: int | None = None, sigma_data: float = 1.0):
@@ -236,7 +236,9 @@ class ResidualAuxiliary(TrainedAuxiliary):
         sigma_b = as_sigma(sigma, x)
         c_in = 1 / (sigma_b**2 + self.sigma_data**2).sqrt()
         c_out = sigma_b * self.sigma_data * c_in
-        with torch.no_grad() if not x.requires_grad else contextlib.nullcontext():
+        # The prior is fixed, so its graph is needed only when gradients must reach x.
+        tracking = contextlib.nullcontext() if x.requires_grad else torch.no_grad()
+        with tracking:
             prior_denoised = self.prior.denoiser(x, sigma)
         c_noise = sigma_b.log().reshape(-1) / 4
         if self.is_vector:
