@@ -79,6 +79,13 @@ def _add_train_prior(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-channels", type=int, default=32, help="U-Net channels at full resolution (default: %(default)s)")
     p.add_argument("--channel-mults", type=_parse_mults, default=[1, 2, 2], help="channel multiplier per resolution (default: 1,2,2)")
     p.add_argument("--blocks-per-level", type=int, default=2, help="residual blocks per resolution (default: %(default)s)")
+    p.add_argument("--embedding-dim", type=int, default=128, help="width of the noise-level embedding (default: %(default)s)")
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=1,
+        help="pixels per side folded into channels before the U-Net; 4 makes large images about 16x cheaper (default: %(default)s)",
+    )
     p.add_argument(
         "--normalization",
         choices=["percentile", "none"],
@@ -110,6 +117,8 @@ def _run_train_prior(args: argparse.Namespace) -> int:
         base_channels=args.base_channels,
         channel_mults=args.channel_mults,
         blocks_per_level=args.blocks_per_level,
+        embedding_dim=args.embedding_dim,
+        patch_size=args.patch_size,
     )
     config = TrainConfig(
         steps=args.steps,
@@ -200,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_prior(subparsers)
     _add_sample_prior(subparsers)
+    from ppm_napari.cli import add_parser as add_micro_parser
+
+    add_micro_parser(subparsers)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import ComposedOperator, LinearOperator, Operator
 from .linear import Convolution, Downsampling, Inpainting, MatrixOperator
-from .noise import GaussianNoise, NoiseModel, PoissonGaussianNoise, anscombe
+from .noise import GaussianNoise, NoiseModel, PoissonGaussianNoise, SignalDependentNoise, anscombe
 
 __all__ = [
     "Operator",
@@ -17,5 +17,6 @@ __all__ = [
     "NoiseModel",
     "GaussianNoise",
     "PoissonGaussianNoise",
+    "SignalDependentNoise",
     "anscombe",
 ]

@@ -204,6 +204,59 @@ class PoissonGaussianNoise(NoiseModel):
         return f"gain={self.gain:g}, offset={self.offset:g}, read_noise_std={self.read_noise_std:g}"
 
 
+class SignalDependentNoise(NoiseModel):
+    """Gaussian noise whose variance grows linearly with the signal: ``Var y = slope * Ax + intercept``.
+
+    The form of Poisson-Gaussian camera noise written in the measurement's own units: with gain
+    ``g`` (ADU per photon), camera offset ``o`` and read noise ``r`` (ADU), ``slope = g`` and
+    ``intercept = r^2 - g o``. It stays the same form after any affine change of intensity units,
+    which is why microscopy reconstructions, which rescale images, use it; and it can be fitted
+    to an image without knowing the camera (see ``ppm_napari.noise.estimate_noise``).
+
+    Parameters
+    ----------
+    slope : float
+        Variance per unit of signal, non-negative.
+    intercept : float
+        Variance at zero signal; may be negative when the camera offset is positive.
+    min_variance : float
+        Floor of the variance, positive; it applies where ``slope * Ax + intercept`` falls below it.
+
+    Notes
+    -----
+    :meth:`nll` is ``0.5 (y - Ax)^2 / v + 0.5 log v`` per entry, without ``0.5 log(2 pi)``.
+    """
+
+    def __init__(self, slope: float, intercept: float, min_variance: float):
+        super().__init__()
+        self.slope = _check_scalar("slope", slope, minimum=0.0)
+        self.intercept = _check_scalar("intercept", intercept)
+        self.min_variance = _check_scalar("min_variance", min_variance, minimum=0.0, inclusive=False)
+
+    def variance(self, Ax: Tensor) -> Tensor:
+        """Compute ``max(slope * Ax + intercept, min_variance)``."""
+        return (self.slope * Ax + self.intercept).clamp(min=self.min_variance)
+
+    def nll_entries(self, y: Tensor, Ax: Tensor) -> Tensor:
+        variance = self.variance(Ax)
+        return 0.5 * (y - Ax) ** 2 / variance + 0.5 * torch.log(variance)
+
+    def sample(self, Ax: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(Ax.shape, generator=generator, dtype=Ax.dtype, device=Ax.device)
+        return Ax + self.variance(Ax).sqrt() * eps
+
+    def rescaled(self, offset: float, scale: float) -> SignalDependentNoise:
+        """The same noise for ``(y - offset) / scale``."""
+        return SignalDependentNoise(
+            self.slope / scale,
+            (self.intercept + self.slope * offset) / scale**2,
+            self.min_variance / scale**2,
+        )
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope:g}, intercept={self.intercept:g}, min_variance={self.min_variance:g}"
+
+
 def anscombe(y: Tensor, gain: float = 1.0, offset: float = 0.0, read_noise_std: float = 0.0) -> Tensor:
     """Stabilize the variance of Poisson-Gaussian data with the generalized Anscombe transform.
 

@@ -26,10 +26,11 @@ class UNetConfig:
     blocks_per_level: int = 2  # residual blocks per resolution on the way down
     embedding_dim: int = 128  # noise-level embedding width
     dropout: float = 0.0
+    patch_size: int = 1  # pixel-unshuffle factor before the first convolution (1: none)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        for name in ("in_channels", "base_channels", "blocks_per_level", "embedding_dim"):
+        for name in ("in_channels", "base_channels", "blocks_per_level", "embedding_dim", "patch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -46,7 +47,7 @@ class UNetConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.channel_mults) - 1)
+        return self.patch_size * 2 ** (len(self.channel_mults) - 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +103,10 @@ class UNet(nn.Module):
         emb_dim = config.embedding_dim
         self.embedding = FourierEmbedding(emb_dim)
         self.embedding_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+        # Patches of patch_size x patch_size pixels become channels: the network then runs at a
+        # coarser grid, which cuts its cost by patch_size^2 for images much larger than a filament.
+        patch_channels = config.in_channels * config.patch_size**2
+        self.conv_in = nn.Conv2d(patch_channels, config.base_channels, 3, padding=1)
 
         # Encoder: blocks per level, strided convolutions between levels.
         self.down = nn.ModuleList()
@@ -129,13 +133,14 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
         self.norm_out = _group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, patch_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         emb = self.embedding_mlp(self.embedding(c_noise))
-        h = self.conv_in(x)
+        patch = self.config.patch_size
+        h = self.conv_in(F.pixel_unshuffle(x, patch) if patch > 1 else x)
         skips = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -147,4 +152,5 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, patch) if patch > 1 else out

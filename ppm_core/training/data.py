@@ -151,9 +151,20 @@ def _gaussian_field(n: int, size: int, generator: torch.Generator) -> Tensor:
     return (0.5 + 0.15 * field).clamp(0, 1)
 
 
+def _filaments(n: int, size: int, generator: torch.Generator) -> Tensor:
+    """Microtubule-like filaments at SIM resolution (see ppm_napari.filaments), percentile-normalized."""
+    from ppm_napari.filaments import filament_images
+
+    return filament_images(n, size, generator)
+
+
+# A generator whose images are not in [0, 1] names the per-image normalization to apply instead.
+_filaments.normalization = {"method": "percentile", "low": 0.1, "high": 99.9}
+
 SYNTHETIC_GENERATORS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
     "blobs": _gaussian_blobs,
     "gaussian-field": _gaussian_field,
+    "filaments": _filaments,
 }
 
 
@@ -163,17 +174,30 @@ def register_generator(name: str, function: Callable[[int, int, torch.Generator]
 
 
 class SyntheticSource(ImageSource):
-    """Images drawn on the fly from a named generator, mapped from [0, 1] to [-1, 1]."""
+    """Images drawn on the fly from a named generator, mapped to the prior's space.
+
+    Generators return images in [0, 1], mapped to [-1, 1], unless the function carries a
+    ``normalization`` attribute (such as per-image percentiles), which is then applied to each image.
+    """
 
     def __init__(self, name: str):
         if name not in SYNTHETIC_GENERATORS:
             raise ValueError(f"unknown synthetic generator {name!r}; available: {', '.join(sorted(SYNTHETIC_GENERATORS))}")
         self.name = name
-        self.normalization = {"method": "fixed", "offset": 0.5, "scale": 0.5}
+        self.normalization = dict(getattr(SYNTHETIC_GENERATORS[name], "normalization", {"method": "fixed", "offset": 0.5, "scale": 0.5}))
 
     def sample(self, batch_size: int, crop_size: int, generator: torch.Generator) -> Tensor:
         images = SYNTHETIC_GENERATORS[self.name](batch_size, crop_size, generator)
-        return augment((images - 0.5) / 0.5, generator)
+        if self.normalization["method"] == "percentile":
+            normalized = []
+            for image in images:
+                params = normalization_params(self.normalization, image)
+                normalized.append((image - params["offset"]) / params["scale"])
+            images = torch.stack(normalized)
+        else:
+            params = normalization_params(self.normalization, images)
+            images = (images - params["offset"]) / params["scale"]
+        return augment(images, generator)
 
     def describe(self) -> dict:
         doc = (SYNTHETIC_GENERATORS[self.name].__doc__ or "").strip().splitlines()

@@ -1,0 +1,198 @@
+"""``ppm micro``: super-resolution of widefield TIFFs from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+logger = logging.getLogger("ppm.micro")
+
+DEFAULT_PRIOR = Path(__file__).parent / "models" / "filaments-sim"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``micro reconstruct`` to the ``ppm`` command."""
+    from .superres import METHODS
+
+    micro = subparsers.add_parser("micro", help="microscopy: widefield -> SIM-like super-resolution")
+    commands = micro.add_subparsers(dest="micro_command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "reconstruct",
+        help="posterior samples, mean and std of the super-resolved image behind a widefield TIFF",
+        description=(
+            "Reconstruct a super-resolved image with posterior samples from a widefield TIFF (a 3-D stack, such as "
+            "raw SIM frames, is averaged). Writes one OME-TIFF: channel 0 the posterior mean, 1 the per-pixel std, "
+            "2.. the samples; the run parameters are in the OME Description as JSON."
+        ),
+    )
+    p.add_argument("widefield", type=Path, help="widefield TIFF (2-D, or a stack of frames to average)")
+    p.add_argument("--out", type=Path, required=True, help="output OME-TIFF (.ome.tif)")
+    p.add_argument("--scale", type=int, default=2, help="super-resolution factor (default: %(default)s)")
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="camera pixel size in nm; read from OME/ImageJ metadata when present")
+    psf = p.add_argument_group("PSF (one of)")
+    psf.add_argument("--na", type=float, help="detection numerical aperture (Airy model; needs --wavelength)")
+    psf.add_argument("--wavelength", type=float, help="emission wavelength in nm (Airy model)")
+    psf.add_argument("--psf", type=Path, help="measured PSF: a bead image TIFF")
+    psf.add_argument("--psf-pixel-size", type=float, default=None, help="pixel size of --psf in nm, when not in its metadata")
+    psf.add_argument("--otf", type=Path, help="radially averaged OTF file (*_OTF2d.mrc)")
+    psf.add_argument("--gaussian-fwhm", type=float, help="Gaussian PSF with this FWHM in nm")
+    p.add_argument("--method", choices=METHODS, default="ppm", help="reconstruction method (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=8, help="posterior samples (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="iterations (default: the method's microscopy default)")
+    p.add_argument("--prior", type=Path, default=None, help="prior folder (default: the shipped filament prior)")
+    p.add_argument("--noise", choices=["estimate", "gaussian", "poisson-gaussian"], default="estimate",
+                   help="noise model: estimated from the image, or given by --noise-std / --gain --offset --read-noise (default: %(default)s)")
+    p.add_argument("--noise-std", type=float, help="Gaussian noise std in ADU (--noise gaussian)")
+    p.add_argument("--gain", type=float, help="camera gain in ADU per photon (--noise poisson-gaussian)")
+    p.add_argument("--offset", type=float, default=0.0, help="camera offset in ADU (--noise poisson-gaussian)")
+    p.add_argument("--read-noise", type=float, default=0.0, help="read noise std in ADU (--noise poisson-gaussian)")
+    p.add_argument("--frames-averaged", type=int, default=None,
+                   help="number of frames averaged into the image, which divides the given noise variance "
+                        "(default: the stack length for stacks, else 1)")
+    p.add_argument("--tile-size", type=int, default=None, help="tile side in camera pixels; bounds peak memory (default: whole image)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in camera pixels (default: max(16, PSF diameter))")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--truth", type=Path, default=None, help="ground-truth TIFF on the super-resolved grid, for --metrics-json")
+    p.add_argument("--metrics-json", type=Path, default=None, help="write PSNR, SSIM, coverage and diversity against --truth")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run_reconstruct)
+
+
+def _psf_from_args(args: argparse.Namespace, fine_pixel: float):
+    from ppm_core.io import read_image
+
+    from . import psf as psf_models
+    from .io import resolve_pixel_size
+
+    given = [name for name, value in (("--na/--wavelength", args.na or args.wavelength), ("--psf", args.psf),
+                                      ("--otf", args.otf), ("--gaussian-fwhm", args.gaussian_fwhm)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one PSF source: --na with --wavelength, --psf, --otf or --gaussian-fwhm; got {given or 'none'}")
+    if given[0] == "--na/--wavelength":
+        if args.na is None or args.wavelength is None:
+            raise ValueError("the Airy PSF needs both --na and --wavelength")
+        return psf_models.airy_psf(args.na, args.wavelength, fine_pixel), {"kind": "airy", "na": args.na, "wavelength_nm": args.wavelength}
+    if args.psf is not None:
+        psf_pixel = resolve_pixel_size(args.psf, args.psf_pixel_size, "--psf-pixel-size")
+        image = read_image(args.psf)
+        return psf_models.measured_psf(image, psf_pixel, fine_pixel), {"kind": "measured", "file": str(args.psf), "pixel_size_nm": psf_pixel}
+    if args.otf is not None:
+        return psf_models.psf_from_otf(args.otf, fine_pixel), {"kind": "otf", "file": str(args.otf)}
+    fwhm_px = args.gaussian_fwhm / fine_pixel
+    return psf_models.gaussian_psf(fwhm_px), {"kind": "gaussian", "fwhm_nm": args.gaussian_fwhm}
+
+
+def _noise_from_args(args: argparse.Namespace, frames: int):
+    from ppm_core.operators import SignalDependentNoise
+
+    if args.noise == "estimate":
+        return None
+    if args.noise == "gaussian":
+        if args.noise_std is None or not args.noise_std > 0:
+            raise ValueError(f"--noise gaussian needs a positive --noise-std (ADU); got {args.noise_std}")
+        variance = args.noise_std**2 / frames
+        return SignalDependentNoise(0.0, variance, variance)
+    if args.gain is None or not args.gain > 0:
+        raise ValueError(f"--noise poisson-gaussian needs a positive --gain (ADU per photon); got {args.gain}")
+    if args.read_noise < 0:
+        raise ValueError(f"--read-noise must be >= 0; got {args.read_noise}")
+    slope = args.gain / frames
+    intercept = (args.read_noise**2 - args.gain * args.offset) / frames
+    floor = max(args.read_noise**2 / frames, 1e-3 * args.gain / frames)
+    return SignalDependentNoise(slope, intercept, floor)
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from ppm_core.cli import _check_output_file, _resolve_device
+    from ppm_core.priors import load_prior
+
+    from . import metrics
+    from .io import read_widefield, resolve_pixel_size, write_result
+    from .superres import DETERMINISTIC_METHODS, super_resolve
+
+    # Everything that can be checked is checked before the long part starts.
+    if not args.out.name.lower().endswith((".ome.tif", ".ome.tiff")):
+        raise ValueError(f"--out must end in .ome.tif or .ome.tiff; got {args.out.name}")
+    _check_output_file(args.out, "--out")
+    if args.metrics_json is not None:
+        if args.truth is None:
+            raise ValueError("--metrics-json needs --truth (a ground-truth TIFF)")
+        _check_output_file(args.metrics_json, "--metrics-json")
+    if args.scale < 1:
+        raise ValueError(f"--scale must be a positive integer; got {args.scale}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1; got {args.samples}")
+    if args.method not in DETERMINISTIC_METHODS and args.samples < 2:
+        logger.warning("--samples 1 gives no per-pixel uncertainty (std is zero)")
+    import tifffile
+
+    widefield, n_frames = read_widefield(args.widefield)
+    pixel_size = resolve_pixel_size(args.widefield, args.pixel_size)
+    fine_pixel = pixel_size / args.scale
+    psf, psf_info = _psf_from_args(args, fine_pixel)
+    frames = args.frames_averaged or n_frames
+    if frames < 1:
+        raise ValueError(f"--frames-averaged must be >= 1; got {frames}")
+    noise = _noise_from_args(args, frames)
+    truth = None
+    if args.truth is not None:
+        truth = np.squeeze(tifffile.imread(args.truth)).astype(np.float64) if args.truth.is_file() else None
+        if truth is None:
+            raise FileNotFoundError(f"--truth file not found: {args.truth}")
+        expected = (widefield.shape[0] * args.scale, widefield.shape[1] * args.scale)
+        if truth.shape != expected:
+            raise ValueError(f"--truth has shape {truth.shape}; expected {expected} (the widefield's shape x --scale {args.scale})")
+
+    device = _resolve_device(args.device)
+    prior = None
+    prior_path = None
+    if args.method not in DETERMINISTIC_METHODS:
+        prior_path = args.prior or DEFAULT_PRIOR
+        prior = load_prior(prior_path, device=device)
+
+    with tqdm(desc=f"micro {args.method}", unit="step") as bar:
+
+        def report(state: dict) -> None:
+            if bar.total is None:
+                bar.total = state["steps"] * state["tiles"]
+            bar.update(1)
+            losses = state.get("losses", {})
+            if "data term" in losses:
+                bar.set_postfix(tile=f"{state['tile']}/{state['tiles']}", data=f"{losses['data term']:.3g}")
+
+        result = super_resolve(widefield, psf, prior, scale=args.scale, method=args.method, n_samples=args.samples, steps=args.steps,
+                               noise=noise, tile_size=args.tile_size, tile_overlap=args.tile_overlap, seed=args.seed, callback=report)
+    from ppm_core import __version__
+
+    parameters = result.parameters | {
+        "input": str(args.widefield),
+        "input_pixel_size_nm": pixel_size,
+        "pixel_size_nm": fine_pixel,
+        "frames_averaged": frames,
+        "psf": psf_info,
+        "prior": str(prior_path) if prior_path else None,
+        "device": device,
+        "seconds": round(result.seconds, 2),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "software": f"ppm-imaging {__version__}",
+    }
+    write_result(args.out, result.mean, result.std, result.samples, fine_pixel, parameters)
+    logger.info("wrote %s (%d samples, %.1f s, peak memory %.0f MB)", args.out, result.samples.shape[0], result.seconds, result.peak_memory_mb)
+    if truth is not None:
+        scores = metrics.evaluate(result.samples, result.mean, truth)
+        scores = {k: (None if v is None or not math.isfinite(v) else round(v, 5)) for k, v in scores.items()}
+        scores |= {"method": args.method, "truth": str(args.truth), "protocols": "see ppm_napari.metrics"}
+        logger.info("metrics: %s", scores)
+        if args.metrics_json is not None:
+            from ppm_core.io import atomic_path
+
+            with atomic_path(args.metrics_json) as tmp:
+                tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    return 0

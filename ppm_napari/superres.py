@@ -1,0 +1,273 @@
+"""Widefield -> SIM-like super-resolution with posterior samples: the Qt-free core.
+
+:func:`super_resolve` takes a widefield image in camera units and returns posterior samples of
+the fine-grid image in the same units, with their mean and per-pixel standard deviation. The
+napari widget and ``ppm micro reconstruct`` both call it.
+
+Intensity units. The prior lives in a normalized space (for the shipped filament prior: the
+image's 0.1 and 99.9 percentiles map to -1 and 1). The fine image is unknown, so its
+percentiles are taken from a Richardson-Lucy estimate (deconvolution recovers the contrast the
+blur removed; the widefield's own percentiles would put filaments 2-3x brighter than the prior
+has seen). The operator is linear, keeps constants (the PSF sums to 1, the camera averages),
+so the same affine map applies to the measurement, and the noise model is rescaled with it.
+
+Large images are cut into overlapping tiles (``tile_size``, in camera pixels), reconstructed
+one after another and blended with linear ramps across the overlaps; peak memory then depends
+on the tile size, not the image size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ppm_core.inference.api import METHODS as RECONSTRUCT_METHODS
+from ppm_core.inference.api import reconstruct
+from ppm_core.operators import SignalDependentNoise
+from ppm_core.priors.base import Prior
+
+from .noise import estimate_noise
+from .operator import SuperResolution
+
+logger = logging.getLogger(__name__)
+
+DETERMINISTIC_METHODS = ("richardson-lucy", "bicubic")
+METHODS = ("ppm", "red-diff", "dps", "rlsd", "ikl", "ppm-sim") + DETERMINISTIC_METHODS
+
+# Settings tuned on CPU for 256x256 fine images (see docs/benchmarks.md); any can be overridden.
+MICROSCOPY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppm": {"steps": 300, "lr": 0.03, "init": "adjoint", "aux_steps": 1},
+    "ppm-sim": {"steps": 300, "lr": 0.03, "init": "adjoint", "aux_steps": 1},
+    "rlsd": {"steps": 300, "lr": 0.03},
+    "ikl": {"steps": 300, "lr": 0.03},
+    "red-diff": {"steps": 300},
+    "dps": {"steps": 100},
+}
+
+
+@dataclass
+class SuperResolutionResult:
+    """Posterior of the fine image, in the input's intensity units.
+
+    ``samples`` is ``(n, H', W')``; ``mean`` and ``std`` are ``(H', W')``. For the deterministic
+    baselines there is one sample and ``std`` is all zeros. ``parameters`` records the run.
+    """
+
+    samples: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    parameters: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
+
+
+def upsample(widefield: np.ndarray, scale: int) -> np.ndarray:
+    """Bicubic upsampling by ``scale`` with pixel areas aligned (each camera pixel -> scale x scale)."""
+    tensor = torch.as_tensor(np.asarray(widefield, dtype=np.float64))[None, None]
+    return F.interpolate(tensor, scale_factor=scale, mode="bicubic", align_corners=False)[0, 0].numpy()
+
+
+def richardson_lucy(widefield: np.ndarray, psf: np.ndarray, scale: int, iterations: int = 30) -> np.ndarray:
+    """Richardson-Lucy deconvolution (scikit-image) of the bicubic-upsampled widefield image.
+
+    The background (0.1 percentile) is subtracted first, as Richardson-Lucy assumes Poisson
+    counts without offset, and added back after.
+    """
+    from skimage.restoration import richardson_lucy as skimage_rl
+
+    up = upsample(widefield, scale)
+    background = float(np.percentile(up, 0.1))
+    signal = np.clip(up - background, 0, None)
+    peak = float(signal.max())
+    if peak <= 0:
+        return up
+    deconvolved = skimage_rl(signal / peak, psf, num_iter=iterations, clip=False)
+    return deconvolved * peak + background
+
+
+def _check_image(widefield: np.ndarray, scale: int) -> np.ndarray:
+    image = np.asarray(widefield, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"widefield must be a 2-D image; got shape {image.shape}")
+    if min(image.shape) < 8:
+        raise ValueError(f"widefield must be at least 8x8 pixels; got {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError("widefield contains NaN or infinite pixels")
+    if float(image.max() - image.min()) <= 0:
+        raise ValueError("widefield is constant; there is nothing to reconstruct")
+    return image
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` shared."""
+    if tile >= length:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _axis_weight(start: int, stop: int, starts: list[int], tile: int, scale: int) -> np.ndarray:
+    """Blending weight along one axis of the tile ``[start, stop)`` (camera pixels), on the fine grid.
+
+    It rises linearly from 0 across the overlap with the previous tile and falls to 0 across
+    the overlap with the next one, so two overlapping weights sum to 1.
+    """
+    previous_ends = [s + tile for s in starts if s < start]
+    next_starts = [s for s in starts if start < s < stop]
+    n = (stop - start) * scale
+    rise = (max(previous_ends) - start) * scale if previous_ends else 0
+    fall = (stop - min(next_starts)) * scale if next_starts else 0
+    x = np.arange(n) + 0.5
+    weight = np.ones(n)
+    if rise > 0:
+        weight = np.minimum(weight, x / rise)
+    if fall > 0:
+        weight = np.minimum(weight, (n - x) / fall)
+    return weight
+
+
+def super_resolve(
+    widefield: np.ndarray,
+    psf: np.ndarray,
+    prior: Prior | None,
+    scale: int = 2,
+    method: str = "ppm",
+    n_samples: int = 8,
+    steps: int | None = None,
+    noise: SignalDependentNoise | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
+    seed: int = 0,
+    rl_iterations: int = 30,
+    callback: Callable[[dict], bool | None] | None = None,
+    **options: Any,
+) -> SuperResolutionResult:
+    """Posterior samples of the fine image behind a widefield image.
+
+    Parameters
+    ----------
+    widefield : (H, W) array
+        Camera image (ADU), any size.
+    psf : (h, w) array
+        PSF on the fine grid (see :mod:`ppm_napari.psf`).
+    prior : Prior
+        Diffusion prior of fine images (not needed for the deterministic baselines).
+    scale : int
+        Fine pixels per camera pixel along each axis.
+    method : one of :data:`METHODS`
+        Posterior methods of :func:`ppm_core.reconstruct`, or ``"richardson-lucy"`` / ``"bicubic"``.
+    n_samples, steps, seed, options
+        Passed to :func:`ppm_core.reconstruct`; ``MICROSCOPY_DEFAULTS`` fills what is not given.
+    noise : SignalDependentNoise, optional
+        Noise of ``widefield`` in its units; estimated from the image when omitted.
+    tile_size, tile_overlap : int, optional
+        Tile side and overlap in camera pixels; whole image when ``tile_size`` is omitted. The
+        overlap defaults to 16 pixels or twice the PSF radius, whichever is larger.
+    callback : callable, optional
+        Gets ``{"tile", "tiles", "iteration", "steps", ...}`` after each iteration; returning
+        ``True`` cancels with ``ReconstructionCancelled``.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    image = _check_image(widefield, scale)
+    psf = np.asarray(psf, dtype=np.float64)
+    operator_check = SuperResolution(psf, scale, image.shape)  # validates psf and scale
+    del operator_check
+    if noise is None:
+        noise = estimate_noise(image)
+    parameters: dict[str, Any] = {
+        "method": method,
+        "scale": scale,
+        "input_shape": list(image.shape),
+        "psf_shape": list(psf.shape),
+        "noise": {"model": "signal-dependent Gaussian", "slope": noise.slope, "intercept": noise.intercept},
+        "seed": seed,
+    }
+
+    if method in DETERMINISTIC_METHODS:
+        estimate = richardson_lucy(image, psf, scale, rl_iterations) if method == "richardson-lucy" else upsample(image, scale)
+        if method == "richardson-lucy":
+            parameters["iterations"] = rl_iterations
+        return SuperResolutionResult(
+            estimate[None], estimate, np.zeros_like(estimate), parameters, time.perf_counter() - start, peak_memory_mb()
+        )
+
+    if prior is None:
+        raise ValueError(f"method {method!r} needs a prior")
+    if method not in RECONSTRUCT_METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    settings = dict(MICROSCOPY_DEFAULTS.get(method, {}))
+    settings.update(options)
+    if steps is not None:
+        settings["steps"] = steps
+    steps = settings.pop("steps")
+
+    # Affine map into the prior's space, from a Richardson-Lucy estimate of the fine image.
+    reference = torch.as_tensor(richardson_lucy(image, psf, scale, rl_iterations))
+    _, norm = prior.normalize(reference) if hasattr(prior, "normalize") else (None, {"offset": 0.0, "scale": 1.0})
+    offset, unit = float(norm["offset"]), float(norm["scale"])
+    y_all = (image - offset) / unit
+    noise_p = noise.rescaled(offset, unit)
+    parameters |= {"steps": steps, "n_samples": n_samples, "options": settings, "normalization": {"offset": offset, "scale": unit}}
+
+    height, width = image.shape
+    radius = max(psf.shape) // 2
+    if tile_size is not None and tile_size < 16:
+        raise ValueError(f"tile_size must be at least 16 camera pixels; got {tile_size}")
+    tile = tile_size or max(height, width)
+    overlap = tile_overlap if tile_overlap is not None else max(16, 2 * math.ceil(radius / scale))
+    if tile < max(height, width) and not 0 < overlap < tile // 2 + 1:
+        raise ValueError(f"tile_overlap must be positive and at most half of tile_size ({tile}); got {overlap}")
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    tiles = [(r, c) for r in rows for c in cols]
+    parameters |= {"tile_size": tile_size, "tile_overlap": overlap if len(tiles) > 1 else None, "tiles": len(tiles)}
+
+    fine = (height * scale, width * scale)
+    total = np.zeros(fine)
+    weighted = np.zeros((n_samples, *fine))
+    weighted_var = np.zeros(fine)
+    weighted_mean = np.zeros(fine)
+    for index, (top, left) in enumerate(tiles):
+        bottom, right = min(top + tile, height), min(left + tile, width)
+        y = torch.as_tensor(y_all[top:bottom, left:right], dtype=torch.float32)[None, None]
+        operator = SuperResolution(psf, scale, tuple(y.shape[-2:]), noise=noise_p)
+
+        def report(state: dict, index: int = index) -> bool | None:
+            if callback is None:
+                return None
+            return callback(state | {"tile": index + 1, "tiles": len(tiles)})
+
+        logger.info("tile %d/%d: rows %d-%d, columns %d-%d", index + 1, len(tiles), top, bottom, left, right)
+        posterior = reconstruct(y, operator, prior, method=method, n_samples=n_samples, steps=steps, seed=seed + index, callback=report, **settings)
+        samples = posterior.samples[:, 0].double().numpy() * unit + offset
+
+        # Blend weights on the fine grid: ramps across overlaps with neighbours, flat at image borders.
+        w = np.outer(_axis_weight(top, bottom, rows, tile, scale), _axis_weight(left, right, cols, tile, scale))
+        f_top, f_bottom, f_left, f_right = top * scale, bottom * scale, left * scale, right * scale
+        region = (slice(f_top, f_bottom), slice(f_left, f_right))
+        total[region] += w
+        weighted[(slice(None), *region)] += w * samples
+        weighted_mean[region] += w * samples.mean(0)
+        weighted_var[region] += w * (samples.var(0, ddof=1) if n_samples > 1 else 0)
+
+    samples = weighted / total
+    mean = weighted_mean / total
+    std = np.sqrt(weighted_var / total)
+    return SuperResolutionResult(samples, mean, std, parameters, time.perf_counter() - start, peak_memory_mb())
