@@ -9,7 +9,7 @@ camera noise from one frame:
    independent noise ``Var r = 36 Var y``. A widefield image sampled at or above Nyquist is
    smooth on 3 pixels, so ``r`` is mostly noise.
 2. Local level: ``m`` = 5x5 mean of ``y``.
-3. Bin pixels into 16 quantile bins of ``m``; in each, the variance is the squared robust
+3. Bin pixels into 16 quantile bins of ``m`` (fewer for small images: 100 pixels per bin at least); in each, the variance is the squared robust
    scale of ``r`` (1.4826 x median absolute deviation) divided by 36, which ignores the edges of
    bright structures where signal leaks into ``r``.
 4. Fit ``slope`` and ``intercept`` by least squares across bins, weighting each bin by its
@@ -43,20 +43,24 @@ def estimate_noise(image: np.ndarray, bins: int = 16) -> SignalDependentNoise:
         raise ValueError("noise estimation: the image contains NaN or infinite values")
     residual = ndimage.convolve(y, _KERNEL, mode="reflect")[2:-2, 2:-2]
     level = ndimage.uniform_filter(y, 5, mode="reflect")[2:-2, 2:-2]
+    bins = max(1, min(bins, residual.size // 100))  # at least 100 pixels per bin
     edges = np.quantile(level, np.linspace(0, 1, bins + 1))
     index = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, bins - 1)
     means, variances, counts = [], [], []
     for b in range(bins):
         r = residual[index == b]
-        if r.size < 50:
+        if r.size < 50 and bins > 1:
             continue
         mad = np.median(np.abs(r - np.median(r)))
         means.append(level[index == b].mean())
         variances.append((1.4826 * mad) ** 2 / 36)
         counts.append(r.size)
     means, variances, counts = map(np.asarray, (means, variances, counts))
-    if len(means) < 2 or not np.any(variances > 0):
+    if len(means) == 0 or not np.any(variances > 0):
         raise ValueError("noise estimation failed: the image is constant or too quantized to measure its noise")
+    if len(means) == 1:  # too few pixels to see a signal dependence: Gaussian noise
+        floor = 0.1 * float(variances[0])
+        return SignalDependentNoise(0.0, float(variances[0]), floor)
     weights = counts / np.maximum(variances, variances[variances > 0].min()) ** 2
     design = np.stack([means, np.ones_like(means)], 1)
     sw = np.sqrt(weights)

@@ -46,7 +46,7 @@ METHODS = ("ppm", "red-diff", "dps", "rlsd", "ikl", "ppm-sim") + DETERMINISTIC_M
 
 # Settings tuned on CPU for 256x256 fine images (see docs/benchmarks.md); any can be overridden.
 MICROSCOPY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ppm": {"steps": 300, "lr": 0.03, "init": "adjoint", "aux_steps": 1},
+    "ppm": {"steps": 300, "lr": 0.03, "init": "prior", "aux_steps": 1},
     "ppm-sim": {"steps": 300, "lr": 0.03, "init": "adjoint", "aux_steps": 1},
     "rlsd": {"steps": 300, "lr": 0.03},
     "ikl": {"steps": 300, "lr": 0.03},
@@ -211,6 +211,9 @@ def super_resolve(
 
     if prior is None:
         raise ValueError(f"method {method!r} needs a prior")
+    channels = getattr(prior, "in_channels", 1)
+    if channels != 1:
+        raise ValueError(f"the prior models images with {channels} channels; a widefield image has 1. Use a single-channel prior")
     if method not in RECONSTRUCT_METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     settings = dict(MICROSCOPY_DEFAULTS.get(method, {}))

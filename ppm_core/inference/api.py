@@ -139,7 +139,7 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
         if reg_weight is None:
             # RED-Diff averages both terms over entries: rescale lambda to our sum-over-entries nll.
             m, d = _numel(operator.out_shape), _numel(operator.in_shape)
-            reg_weight = settings["lam"] * m / d / gaussian_noise_std(operator) ** 2
+            reg_weight = settings["lam"] * m / d / gaussian_noise_std(operator, y) ** 2
         prior_term = red_diff_prior_term(prior, schedule, reg_weight)
         if method == "rlsd":
             extra_gradient = rbf_repulsion(settings["gamma"], schedule)

@@ -28,10 +28,17 @@ def descending_sigmas(steps: int, sigma_max: float, sigma_min: float) -> Tensor:
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64))
 
 
-def gaussian_noise_std(operator) -> float:
-    """Return the operator's Gaussian ``noise_std`` as a float, raising ``ValueError`` for other noise models."""
+def gaussian_noise_std(operator, y: Tensor | None = None) -> float:
+    """Return the operator's noise standard deviation as a float.
+
+    For Gaussian noise this is ``noise_std``. For a noise model whose variance depends on the
+    signal (it has a ``variance(Ax)`` method), it is the root-mean-square noise level at the
+    measurement, ``sqrt(mean(variance(y)))``. Other noise models raise ``ValueError``.
+    """
     noise = getattr(operator, "noise", None)
     noise_std = getattr(noise, "noise_std", None)
+    if noise_std is None and y is not None and hasattr(noise, "variance"):
+        return float(noise.variance(y.detach()).mean().sqrt())
     if noise_std is None or torch.as_tensor(noise_std).numel() != 1:
         raise ValueError(
             "this method scales its regularization by the Gaussian noise_std of the operator, which it could not find "
