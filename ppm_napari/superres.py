@@ -180,8 +180,10 @@ def super_resolve(
         Tile side and overlap in camera pixels; whole image when ``tile_size`` is omitted. The
         overlap defaults to 16 pixels or twice the PSF radius, whichever is larger.
     callback : callable, optional
-        Gets ``{"tile", "tiles", "iteration", "steps", ...}`` after each iteration; returning
-        ``True`` cancels with ``ReconstructionCancelled``.
+        Gets ``{"tile", "tiles", "iteration", "steps", "losses", "preview", "origin"}`` after each
+        iteration, where ``preview`` is the current mean of the tile in the input's units and
+        ``origin`` its top-left corner on the fine grid; returning ``True`` cancels with
+        ``ReconstructionCancelled``.
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -252,10 +254,12 @@ def super_resolve(
         y = torch.as_tensor(y_all[top:bottom, left:right], dtype=torch.float32)[None, None]
         operator = SuperResolution(psf, scale, tuple(y.shape[-2:]), noise=noise_p)
 
-        def report(state: dict, index: int = index) -> bool | None:
+        def report(state: dict, index: int = index, origin: tuple[int, int] = (top * scale, left * scale)) -> bool | None:
             if callback is None:
                 return None
-            return callback(state | {"tile": index + 1, "tiles": len(tiles)})
+            # The current mean of this tile in the input's units, and where it sits on the fine grid.
+            preview = state["mean"][0].double().numpy() * unit + offset
+            return callback(state | {"tile": index + 1, "tiles": len(tiles), "preview": preview, "origin": origin})
 
         logger.info("tile %d/%d: rows %d-%d, columns %d-%d", index + 1, len(tiles), top, bottom, left, right)
         posterior = reconstruct(y, operator, prior, method=method, n_samples=n_samples, steps=steps, seed=seed + index, callback=report, **settings)
