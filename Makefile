@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,napari]'
+	$(PY) -m pip install --quiet -e '.[dev,napari,eht]'
 	touch $(STAMP)
 
 # The napari tests need a display: the script runs pytest under Xvfb (installing it when missing).
@@ -40,8 +40,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/prior_throughput.py > docs/prior_throughput.md.tmp
 	mv docs/prior_throughput.md.tmp docs/prior_throughput.md
 	$(PY) benchmarks/exact_posterior.py --figure docs/mixture_particles.png > docs/benchmarks.md.tmp
-	$(PY) benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png >> docs/benchmarks.md.tmp
 	mv docs/benchmarks.md.tmp docs/benchmarks.md
+	$(PY) benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png --update docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) demo_output

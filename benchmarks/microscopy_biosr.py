@@ -1,10 +1,11 @@
 """BioSR microtubules: PPM against RED-Diff, DPS, Richardson-Lucy and bicubic, at both SNR levels.
 
 Each (level, method) runs ``ppm micro reconstruct`` in its own process, so wall time and peak
-memory (peak resident set size) are those of one run. Prints a Markdown section to stdout;
+memory (peak resident set size) are those of one run. Prints a Markdown section to stdout, or
+with ``--update PAGE`` replaces that section of PAGE (everything from its heading to the end);
 ``--figure`` writes a grid of the posterior means (and PPM's std).
 
-    python benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png >> docs/benchmarks.md
+    python benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png --update docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--figure", type=Path, default=None)
+    parser.add_argument("--update", type=Path, default=None, help="Markdown page whose microscopy section to replace")
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,12 +61,36 @@ def main() -> int:
                 print(f"running {method} at level {level}", file=sys.stderr, flush=True)
                 rows[level, method] = run(level, method, Path(tmp), args.samples)
 
+    import contextlib
+    import io
+
+    page = io.StringIO()
+    with contextlib.redirect_stdout(page):
+        table(rows, args.samples)
+    if args.update is not None:
+        from ppm_core.io import atomic_path
+
+        old = args.update.read_text() if args.update.is_file() else ""
+        kept = old.split(HEADING)[0].rstrip() + "\n\n" if HEADING in old or old else ""
+        with atomic_path(args.update) as tmp:
+            tmp.write_text(kept + page.getvalue())
+    else:
+        sys.stdout.write(page.getvalue())
+    if args.figure is not None:
+        figure(rows, args.figure)
+    return 0
+
+
+HEADING = "## Microscopy: BioSR microtubules"
+
+
+def table(rows: dict, samples: int) -> None:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
     print("## Microscopy: BioSR microtubules, widefield -> 2x SIM (`benchmarks/microscopy_biosr.py`)\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads = default; "
-          f"{args.samples} samples per posterior method; OTF from the measured TIRF488 file; shipped filament prior.")
+          f"{samples} samples per posterior method; OTF from the measured TIRF488 file; shipped filament prior.")
     print("PSNR and SSIM of the posterior mean: 'min-max' normalizes both images to [0, 1] (DFCAN protocol); "
           "'fitted' maps the estimate onto the ground truth by least squares (see `ppm_napari.metrics`). "
           "Coverage: ground-truth pixels inside the samples' 5-95% interval. "
@@ -77,37 +103,37 @@ def main() -> int:
               f"{fmt(r['coverage_90'], '.3f')} | {fmt(r['diversity'], '.2e')} | {r['wall_s']:.0f} | {r['peak_memory_mb']:.0f} |")
     print()
 
-    if args.figure is not None:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import tifffile
+def figure(rows: dict, path: Path) -> None:
+    import matplotlib
 
-        from ppm_core.io import atomic_path
-        from ppm_napari.metrics import affine_fit
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tifffile
 
-        truth = np.squeeze(tifffile.imread(DATA / "MT_Cell001_crop007_SIM_GT.tif")).astype(float)
-        low, high = np.percentile(truth, [0.5, 99.8])
-        columns = [*METHODS, "ppm std", "SIM"]
-        fig, axes = plt.subplots(len(LEVELS), len(columns), figsize=(2.6 * len(columns), 2.8 * len(LEVELS)), constrained_layout=True)
-        for i, level in enumerate(LEVELS):
-            for j, name in enumerate(columns):
-                ax = axes[i, j]
-                if name == "SIM":
-                    ax.imshow(truth, cmap="gray", vmin=low, vmax=high)
-                elif name == "ppm std":
-                    std = rows[level, "ppm"]["result"]["std"]
-                    ax.imshow(std, cmap="magma", vmin=0, vmax=np.percentile(std, 99.5))
-                else:
-                    mean = rows[level, name]["result"]["mean"].astype(float)
-                    a, b = affine_fit(mean, truth)
-                    ax.imshow(a * mean + b, cmap="gray", vmin=low, vmax=high)
-                ax.set_title(f"{name} (level {level})", fontsize=9)
-                ax.set_axis_off()
-        with atomic_path(args.figure) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-    return 0
+    from ppm_core.io import atomic_path
+    from ppm_napari.metrics import affine_fit
+
+    truth = np.squeeze(tifffile.imread(DATA / "MT_Cell001_crop007_SIM_GT.tif")).astype(float)
+    low, high = np.percentile(truth, [0.5, 99.8])
+    columns = [*METHODS, "ppm std", "SIM"]
+    fig, axes = plt.subplots(len(LEVELS), len(columns), figsize=(2.6 * len(columns), 2.8 * len(LEVELS)), constrained_layout=True)
+    for i, level in enumerate(LEVELS):
+        for j, name in enumerate(columns):
+            ax = axes[i, j]
+            if name == "SIM":
+                ax.imshow(truth, cmap="gray", vmin=low, vmax=high)
+            elif name == "ppm std":
+                std = rows[level, "ppm"]["result"]["std"]
+                ax.imshow(std, cmap="magma", vmin=0, vmax=np.percentile(std, 99.5))
+            else:
+                mean = rows[level, name]["result"]["mean"].astype(float)
+                a, b = affine_fit(mean, truth)
+                ax.imshow(a * mean + b, cmap="gray", vmin=low, vmax=high)
+            ax.set_title(f"{name} (level {level})", fontsize=9)
+            ax.set_axis_off()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
 
 
 if __name__ == "__main__":

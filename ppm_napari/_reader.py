@@ -39,7 +39,7 @@ def read_tiff(path) -> list[tuple]:
         return result_layers(read_result(path), path.stem.removesuffix(".ome"))
     data = np.squeeze(tifffile.imread(path))
     if data.size == 0:
-        raise ValueError(f"{path} holds an empty image")
+        raise ValueError(f"{path} contains an empty image")
     meta = {"name": path.stem, "metadata": {"pixel_size_nm": pixel_nm, "source_file": str(path)}}
     if pixel_nm is not None:
         meta["scale"] = (1.0,) * (data.ndim - 2) + (pixel_nm / 1e3, pixel_nm / 1e3)

@@ -1,6 +1,6 @@
 """Synthetic filament images at SIM resolution, for training a microtubule prior.
 
-Each image holds smooth random curves drawn as chains of fluorophores. Parameters are in pixels of
+Each image contains smooth random curves drawn as chains of fluorophores. Parameters are in pixels of
 the super-resolved grid (about 30 nm for 2x SIM of a 60 nm camera pixel):
 
 - curves: persistent random walks whose curvature itself drifts, so some run nearly straight
@@ -54,9 +54,9 @@ def _splat(canvas: np.ndarray, points: np.ndarray, weights: np.ndarray) -> None:
 
 
 def filament_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """One ``(size, size)`` filament image with values in about [0, 1]."""
+    """Draw one ``(size, size)`` filament image with values in about [0, 1]."""
     canvas = np.zeros((size, size))
-    count = int(rng.integers(2, 4 + int(28 * (size / 128) ** 2)))
+    count = int(rng.integers(4, 8 + int(40 * (size / 128) ** 2)))
     for _ in range(count):
         points = _curve(rng, size)
         n = len(points)

@@ -9,9 +9,10 @@ camera noise from one frame:
    independent noise ``Var r = 36 Var y``. A widefield image sampled at or above Nyquist is
    smooth on 3 pixels, so ``r`` is mostly noise.
 2. Local level: ``m`` = 5x5 mean of ``y``.
-3. Bin pixels into 16 quantile bins of ``m`` (fewer for small images: 100 pixels per bin at least); in each, the variance is the squared robust
-   scale of ``r`` (1.4826 x median absolute deviation) divided by 36, which ignores the edges of
-   bright structures where signal leaks into ``r``.
+3. Bin pixels into 16 quantile bins of ``m``, or fewer for small images (at least 100 pixels
+   per bin). In each bin the variance is the squared robust scale of ``r`` (1.4826 x median
+   absolute deviation) divided by 36. The robust scale ignores the edges of bright structures,
+   where signal leaks into ``r``.
 4. Fit ``slope`` and ``intercept`` by least squares across bins, weighting each bin by its
    pixel count over its variance squared (the variance of a variance estimate). A
    negative slope is clipped to zero (pure Gaussian noise).

@@ -4,12 +4,13 @@
 the fine-grid image in the same units, with their mean and per-pixel standard deviation. The
 napari widget and ``ppm micro reconstruct`` both call it.
 
-Intensity units. The prior lives in a normalized space (for the shipped filament prior: the
+Intensity units. The prior lives in a normalized space (for the shipped filament prior, the
 image's 0.1 and 99.9 percentiles map to -1 and 1). The fine image is unknown, so its
-percentiles are taken from a Richardson-Lucy estimate (deconvolution recovers the contrast the
-blur removed; the widefield's own percentiles would put filaments 2-3x brighter than the prior
-has seen). The operator is linear, keeps constants (the PSF sums to 1, the camera averages),
-so the same affine map applies to the measurement, and the noise model is rescaled with it.
+percentiles are taken from a Richardson-Lucy estimate, because deconvolution recovers the
+contrast that the blur removed. The widefield's own percentiles would put filaments 2-3x
+brighter than anything the prior has seen. The operator is linear and keeps constants (the PSF
+sums to 1 and the camera averages), so the same affine map applies to the measurement, and
+the noise model is rescaled with it.
 
 Large images are cut into overlapping tiles (``tile_size``, in camera pixels), reconstructed
 one after another and blended with linear ramps across the overlaps; peak memory then depends

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Xvfb and the X libraries Qt's xcb platform plugin needs, for the napari tests and screenshot
-# (see docs/napari-headless notes in the README). Installs them with apt-get when missing and
-# this runs as root on Debian/Ubuntu; otherwise says so, and the napari tests skip.
+# Installs them with apt-get when they are missing and this runs as root on Debian or Ubuntu.
+# Otherwise it prints a warning, and the napari tests skip.
 set -e
 if command -v xvfb-run >/dev/null 2>&1; then
     exit 0

@@ -57,9 +57,11 @@ def test_richardson_lucy_on_the_real_pair_writes_metrics(tmp_path):
                 "--out", out, "--truth", GT, "--metrics-json", scores)
     assert code == 0
     result = read_result(out)
-    assert result["mean"].shape == (256, 256) and result["samples"].shape == (1, 256, 256)
+    assert result["mean"].shape == (256, 256)
+    assert result["samples"].shape == (1, 256, 256)
     assert result["pixel_size_nm"] == pytest.approx(31.3)
-    assert result["parameters"]["psf"]["kind"] == "otf" and result["parameters"]["frames_averaged"] == 9
+    assert result["parameters"]["psf"]["kind"] == "otf"
+    assert result["parameters"]["frames_averaged"] == 9
     values = json.loads(scores.read_text())
     truth = np.squeeze(tifffile.imread(GT)).astype(float)
     # The JSON agrees with the metrics recomputed from the written file.
@@ -81,9 +83,13 @@ def test_posterior_run_writes_samples_std_and_parameters(tmp_path, widefield, ti
     np.testing.assert_allclose(result["mean"], result["samples"].mean(0), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(result["std"], result["samples"].std(0, ddof=1), rtol=1e-4, atol=1e-3)
     p = result["parameters"]
-    assert p["method"] == "red-diff" and p["steps"] == 3 and p["n_samples"] == 3 and p["scale"] == 2
+    assert p["method"] == "red-diff"
+    assert p["steps"] == 3
+    assert p["n_samples"] == 3
+    assert p["scale"] == 2
     assert p["psf"] == {"kind": "airy", "na": 1.3, "wavelength_nm": 525.0}
-    assert p["input_pixel_size_nm"] == 62.6 and p["pixel_size_nm"] == pytest.approx(31.3)
+    assert p["input_pixel_size_nm"] == 62.6
+    assert p["pixel_size_nm"] == pytest.approx(31.3)
     assert p["peak_memory_mb"] > 0
 
 
@@ -94,7 +100,8 @@ def test_tiles_cover_the_image(tmp_path, widefield, tiny_prior):
     assert code == 0
     result = read_result(out)
     assert result["parameters"]["tiles"] == 4
-    assert result["mean"].shape == (48, 40) and np.all(np.isfinite(result["samples"]))
+    assert result["mean"].shape == (48, 40)
+    assert np.all(np.isfinite(result["samples"]))
 
 
 def test_pixel_size_from_metadata(tmp_path, tiny_prior):

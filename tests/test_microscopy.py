@@ -41,7 +41,8 @@ def test_airy_fwhm_matches_diffraction_limit(na, wavelength):
 
 def test_airy_is_normalized_centred_and_symmetric():
     kernel = psf.airy_psf(1.3, 525, 31.3)
-    assert kernel.shape[0] % 2 == 1 and kernel.shape == kernel.shape[::-1]
+    assert kernel.shape[0] % 2 == 1
+    assert kernel.shape == kernel.shape[::-1]
     assert kernel.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.unravel_index(kernel.argmax(), kernel.shape) == (kernel.shape[0] // 2, kernel.shape[1] // 2)
     np.testing.assert_allclose(kernel, kernel.T, atol=1e-15)
@@ -125,7 +126,8 @@ def _bead_image(shift=(0.3, -0.4), pixel=20.0, background=50.0, seed=0):
 def test_measured_psf_is_centred_resampled_and_normalized():
     bead = _bead_image()
     kernel = psf.measured_psf(bead, psf_pixel_size=20.0, target_pixel_size=31.3)
-    assert kernel.shape[0] % 2 == 1 and kernel.sum() == pytest.approx(1.0)
+    assert kernel.shape[0] % 2 == 1
+    assert kernel.sum() == pytest.approx(1.0)
     centre = kernel.shape[0] // 2
     yy, xx = np.indices(kernel.shape)
     assert (kernel * yy).sum() == pytest.approx(centre, abs=0.1)
@@ -319,7 +321,8 @@ def test_read_widefield_averages_stacks_and_rejects_bad_files(tmp_path):
 @pytest.mark.parametrize("length, tile, overlap", [(128, 48, 16), (100, 40, 10), (130, 128, 16), (64, 64, 16)])
 def test_tiles_cover_with_overlap_and_weights_sum_to_one(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
-    assert starts[0] == 0 and min(starts[-1] + tile, length) == length
+    assert starts[0] == 0
+    assert min(starts[-1] + tile, length) == length
     for a, b in zip(starts, starts[1:]):
         assert a + tile - b >= overlap
     scale = 2

@@ -76,7 +76,8 @@ def test_reader_sets_scale_and_writer_round_trips(tmp_path):
     image = np.random.default_rng(0).random((16, 20)).astype(np.float32)
     tifffile.imwrite(tmp_path / "wf.tif", image, imagej=True, resolution=(1 / 0.0626, 1 / 0.0626), metadata={"unit": "um"})
     ((data, meta, kind),) = get_reader(str(tmp_path / "wf.tif"))(str(tmp_path / "wf.tif"))
-    assert kind == "image" and meta["scale"] == pytest.approx((0.0626, 0.0626))
+    assert kind == "image"
+    assert meta["scale"] == pytest.approx((0.0626, 0.0626))
     np.testing.assert_array_equal(data, image)
 
     samples = np.random.default_rng(1).random((3, 32, 40)).astype(np.float32)
@@ -89,12 +90,13 @@ def test_reader_sets_scale_and_writer_round_trips(tmp_path):
     written = write_result_layers(str(tmp_path / "again.ome.tif"), layers)
     again = read_result(written[0])
     np.testing.assert_array_equal(again["samples"], samples)
-    assert again["pixel_size_nm"] == pytest.approx(31.3) and again["parameters"] == parameters
+    assert again["pixel_size_nm"] == pytest.approx(31.3)
+    assert again["parameters"] == parameters
     with pytest.raises(ValueError, match="not a PPM result layer"):
         write_result_layers(str(tmp_path / "x.ome.tif"), [(image, {"name": "wf", "metadata": {}}, "image")])
 
 
-def test_widget_runs_and_adds_layers_at_the_right_scale(make_napari_viewer, qtbot, tiny_prior, errors):
+def test_widget_run_adds_scaled_layers(make_napari_viewer, qtbot, tiny_prior, errors):
     viewer = make_napari_viewer()
     source = viewer.add_image(_widefield(), name="wf", scale=(0.0626, 0.0626), translate=(1.0, 2.0))
     widget = _widget(viewer, tiny_prior, method="red-diff", samples=3, steps=6)
@@ -106,12 +108,14 @@ def test_widget_runs_and_adds_layers_at_the_right_scale(make_napari_viewer, qtbo
     names = [layer.name for layer in viewer.layers]
     assert names == ["wf", "wf mean", "wf std", "wf samples"]
     mean, std, samples = (viewer.layers[n] for n in ("wf mean", "wf std", "wf samples"))
-    assert mean.data.shape == (48, 48) and samples.data.shape == (3, 48, 48)
+    assert mean.data.shape == (48, 48)
+    assert samples.data.shape == (3, 48, 48)
     np.testing.assert_allclose(mean.scale, (0.0313, 0.0313))
     # Fine pixel 0 is centred a quarter of a camera pixel before camera pixel 0's centre.
     np.testing.assert_allclose(mean.translate, (1.0 - 0.0626 / 4, 2.0 - 0.0626 / 4))
     np.testing.assert_allclose(samples.scale[-2:], (0.0313, 0.0313))
-    assert std.colormap.name == "inferno" and std.contrast_limits[1] > 0
+    assert std.colormap.name == "inferno"
+    assert std.contrast_limits[1] > 0
     assert mean.metadata["parameters"]["method"] == "red-diff"
     np.testing.assert_array_equal(source.data, _widefield())
 
@@ -131,7 +135,8 @@ def test_cancel_stops_and_adds_nothing(make_napari_viewer, qtbot, tiny_prior, er
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["wf"]
-    assert widget.status.value == "cancelled" and errors == []
+    assert widget.status.value == "cancelled"
+    assert errors == []
     np.testing.assert_array_equal(viewer.layers["wf"].data, _widefield(32))
 
 
@@ -159,7 +164,8 @@ def test_bad_input_shows_a_notification_and_adds_nothing(make_napari_viewer, tin
         widget.psf_pixel_size.value = 40.0
     before = [layer.name for layer in viewer.layers]
     assert widget.run() is None
-    assert len(errors) == 1 and expected in errors[0]
+    assert len(errors) == 1
+    assert expected in errors[0]
     assert [layer.name for layer in viewer.layers] == before
 
 
@@ -170,14 +176,16 @@ def test_stack_with_a_chosen_plane_runs(make_napari_viewer, qtbot, tiny_prior, e
     widget.stack.value = STACK_CHOICES[2]
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert errors == [] and viewer.layers["wf mean"].data.shape == (48, 48)
+    assert errors == []
+    assert viewer.layers["wf mean"].data.shape == (48, 48)
 
 
 def test_sample_data_opens_with_its_pixel_size():
     from ppm_napari._sample_data import biosr_widefield
 
     ((data, meta, _),) = biosr_widefield()
-    assert data.shape == (128, 128) and meta["scale"] == (0.0626, 0.0626)
+    assert data.shape == (128, 128)
+    assert meta["scale"] == (0.0626, 0.0626)
 
 
 def test_npe2_validate_command():
