@@ -161,10 +161,18 @@ def _filaments(n: int, size: int, generator: torch.Generator) -> Tensor:
 # A generator whose images are not in [0, 1] names the per-image normalization to apply instead.
 _filaments.normalization = {"method": "percentile", "low": 0.1, "high": 99.9}
 
+def _black_hole_rings(n: int, size: int, generator: torch.Generator) -> Tensor:
+    """Rings, crescents and m-rings over 160 microarcseconds (see ppm_eht.rings)."""
+    from ppm_eht.rings import ring_images
+
+    return ring_images(n, size, generator)
+
+
 SYNTHETIC_GENERATORS: dict[str, Callable[[int, int, torch.Generator], Tensor]] = {
     "blobs": _gaussian_blobs,
     "gaussian-field": _gaussian_field,
     "filaments": _filaments,
+    "rings": _black_hole_rings,
 }
 
 
