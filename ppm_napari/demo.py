@@ -69,7 +69,6 @@ def figure(widefield, rl, mean, std, truth, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import tifffile
-    import torch
     from tqdm import tqdm
 
     from ppm_core.io import atomic_path
@@ -104,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             bar.total = state["steps"] * state["tiles"]
             bar.update(1)
 
-        with torch.inference_mode(False):
-            ppm = super_resolve(widefield, psf, prior, method="ppm", n_samples=args.samples, steps=args.steps, seed=args.seed, callback=report)
+        ppm = super_resolve(widefield, psf, prior, method="ppm", n_samples=args.samples, steps=args.steps, seed=args.seed, callback=report)
 
+    bicubic = super_resolve(widefield, psf, None, method="bicubic")
     scores = {
-        "bicubic": metrics.evaluate(*(lambda r: (r.samples, r.mean))(super_resolve(widefield, psf, None, method="bicubic")), truth),
+        "bicubic": metrics.evaluate(bicubic.samples, bicubic.mean, truth),
         "richardson-lucy": metrics.evaluate(rl.samples, rl.mean, truth),
         "ppm": metrics.evaluate(ppm.samples, ppm.mean, truth),
     }

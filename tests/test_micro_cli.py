@@ -203,3 +203,15 @@ def test_shipped_prior_loads_and_describes_itself():
     assert config["normalization"] == {"method": "percentile", "low": 0.1, "high": 99.9}
     size = sum(p.stat().st_size for p in DEFAULT_PRIOR.iterdir())
     assert size < 30e6
+
+
+def test_given_camera_noise_is_divided_by_frames(tmp_path, widefield, tiny_prior):
+    out = tmp_path / "r.ome.tif"
+    code = _run("micro", "reconstruct", widefield, "--pixel-size", 62.6, "--na", 1.3, "--wavelength", 525, "--method", "red-diff",
+                "--steps", 1, "--samples", 2, "--prior", tiny_prior, "--noise", "poisson-gaussian", "--gain", 2.0,
+                "--offset", 100, "--read-noise", 3.0, "--out", out)
+    assert code == 0
+    noise = read_result(out)["parameters"]["noise"]
+    # The input stack has 9 frames; the mean of 9 frames has 1/9 of one frame's variance.
+    assert noise["slope"] == pytest.approx(2.0 / 9)
+    assert noise["intercept"] == pytest.approx((3.0**2 - 2.0 * 100) / 9)

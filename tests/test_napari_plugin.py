@@ -17,6 +17,24 @@ pytest.importorskip("pytestqt", reason="pytest-qt is not installed")
 if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
     pytest.skip("no display: run under xvfb-run (make test does), or set QT_QPA_PLATFORM=offscreen", allow_module_level=True)
 
+
+def _qt_starts() -> str:
+    """Start a Qt application in a subprocess; return its error output ('' when it works).
+
+    A missing xcb library makes Qt abort the whole process, which must not take pytest down.
+    """
+    import subprocess
+    import sys
+
+    probe = "from qtpy.QtWidgets import QApplication; QApplication([])"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    return "" if result.returncode == 0 else (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+
+
+_QT_ERROR = _qt_starts()
+if _QT_ERROR:
+    pytest.skip(f"Qt cannot start here ({_QT_ERROR}); install the packages in scripts/headless_deps.sh", allow_module_level=True)
+
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
