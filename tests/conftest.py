@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,3 +18,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tmp_path_factory) -> Path:
+    """Save an untrained small network prior: enough to exercise a pipeline, not to judge quality."""
+    from ppm_core.priors import DiffusionPrior, UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig(base_channels=8, channel_mults=[1, 2], blocks_per_level=1, embedding_dim=16, patch_size=2)
+    prior = DiffusionPrior(config, sigma_data=0.5, normalization={"method": "percentile", "low": 0.1, "high": 99.9})
+    path = tmp_path_factory.mktemp("prior") / "tiny"
+    prior.save(path)
+    return path

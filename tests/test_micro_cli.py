@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from ppm_core.cli import main
 from ppm_core.priors import DiffusionPrior, UNetConfig
@@ -26,16 +25,6 @@ OTF = DATA / "TIRF488_cam1_0_z30_OTF2d.mrc"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory) -> Path:
-    """An untrained small network prior: enough to exercise the pipeline, not to judge quality."""
-    torch.manual_seed(0)
-    config = UNetConfig(base_channels=8, channel_mults=[1, 2], blocks_per_level=1, embedding_dim=16, patch_size=2)
-    prior = DiffusionPrior(config, sigma_data=0.5, normalization={"method": "percentile", "low": 0.1, "high": 99.9})
-    path = tmp_path_factory.mktemp("prior") / "tiny"
-    prior.save(path)
-    return path
 
 
 @pytest.fixture()

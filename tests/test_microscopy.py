@@ -3,7 +3,6 @@ tiling and metrics. Every expected value is computed independently of the code u
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -36,9 +36,7 @@ if _QT_ERROR:
     pytest.skip(f"Qt cannot start here ({_QT_ERROR}); install the packages in scripts/headless_deps.sh", allow_module_level=True)
 
 import tifffile  # noqa: E402
-import torch  # noqa: E402
 
-from ppm_core.priors import DiffusionPrior, UNetConfig  # noqa: E402
 from ppm_napari._reader import get_reader  # noqa: E402
 from ppm_napari._writer import write_result_layers  # noqa: E402
 from ppm_napari.io import read_result, write_result  # noqa: E402
@@ -47,15 +45,6 @@ from ppm_napari.widget import STACK_CHOICES, ReconstructionWidget  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 WF09 = ROOT / "sample_data" / "biosr_mt" / "MT_Cell001_crop007_rawSIM_level09.tif"
 
-
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = UNetConfig(base_channels=8, channel_mults=[1, 2], blocks_per_level=1, embedding_dim=16, patch_size=2)
-    prior = DiffusionPrior(config, sigma_data=0.5, normalization={"method": "percentile", "low": 0.1, "high": 99.9})
-    path = tmp_path_factory.mktemp("prior") / "tiny"
-    prior.save(path)
-    return path
 
 
 @pytest.fixture()
