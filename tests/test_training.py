@@ -145,7 +145,7 @@ def test_synthetic_source_range(name):
 
 
 def test_unknown_generator_raises():
-    with pytest.raises(ValueError, match=r"unknown synthetic generator 'nope'; available: blobs, gaussian-field"):
+    with pytest.raises(ValueError, match=r"unknown synthetic generator 'nope'; available: blobs, filaments, gaussian-field, rings"):
         SyntheticSource("nope")
 
 

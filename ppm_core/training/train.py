@@ -178,7 +178,7 @@ def _train(
         unet_config, sigma_data = prior.unet_config, prior.sigma_data
         latest = prior.data_description.get("resumed_with", prior.data_description)
         if source.describe() != latest:
-            logger.warning("resuming on different training data than the checkpoint's (%s); the config records both", latest)
+            logger.warning("resuming on different training data than the checkpoint's (%s); the config records both", str(latest))
             prior.data_description = prior.data_description | {"resumed_with": source.describe()}
         ema = copy.deepcopy(prior)
         prior.requires_grad_(True).train()
