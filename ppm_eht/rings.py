@@ -8,16 +8,63 @@ Images are ``size x size`` over a field of view of 160 microarcseconds (2.5 uas 
   Doppler-boosted side; amplitude 0-0.9) and k = 2 (amplitude 0-0.3), a random position angle;
 - crescents: a ring minus a smaller, shifted disk (a third of the images);
 - a diffuse floor (Gaussian, 0-20% of the flux) and an extra Gaussian blur of 0-10 uas;
-- a random shift of the centre by up to 15 uas.
+- a random shift of the centre by up to 15 uas;
+- one image in five is instead a model image of an accretion flow (``sample_data/eht``, ehtim
+  text format), rotated, flipped, rescaled by 0.6-1.4 and blurred at random.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 FOV_UAS = 160.0
+MODEL_FILES = (Path(__file__).resolve().parents[1] / "sample_data" / "eht" / "avery_sgra_eofn.txt",)
+
+
+@functools.cache
+def model_images() -> tuple[tuple[np.ndarray, float], ...]:
+    """Stokes I of the bundled model images with their field of view in uas (ehtim text format).
+
+    Rows run from +x/+y (first row) as ehtim writes them; the image is square.
+    """
+    images = []
+    for path in MODEL_FILES:
+        if not path.is_file():
+            continue
+        table = np.loadtxt(path, comments="#", usecols=(0, 1, 2))
+        side = int(round(np.sqrt(len(table))))
+        if side * side != len(table):
+            raise ValueError(f"{path} is not a square ehtim text image ({len(table)} pixels)")
+        fov_uas = (table[:, 0].max() - table[:, 0].min()) * 1e6 * side / (side - 1)
+        images.append((table[:, 2].reshape(side, side), fov_uas))
+    return tuple(images)
+
+
+def augmented_model_image(rng: np.random.Generator, size: int, fov_uas: float = FOV_UAS) -> np.ndarray | None:
+    """Draw a randomly rotated, flipped, rescaled and blurred model image, or ``None`` if none is bundled."""
+    models = model_images()
+    if not models:
+        return None
+    image, model_fov = models[int(rng.integers(len(models)))]
+    image = ndimage.rotate(image, rng.uniform(0, 360), reshape=False, order=1, mode="constant")
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    # Resample onto the output grid with a random magnification about the centre.
+    magnification = rng.uniform(0.6, 1.4)
+    side = image.shape[0]
+    coords = (np.arange(size) - (size - 1) / 2) * (fov_uas / size) / (model_fov / side) / magnification + (side - 1) / 2
+    grid = np.meshgrid(coords, coords, indexing="ij")
+    out = ndimage.map_coordinates(image, grid, order=1, mode="constant")
+    blur = rng.uniform(0, 10) / (fov_uas / size) / 2.355
+    if blur > 0.1:
+        out = ndimage.gaussian_filter(out, blur)
+    out = np.clip(out, 0, None)
+    return out / max(out.max(), 1e-30)
 
 
 def ring_image(rng: np.random.Generator, size: int, fov_uas: float = FOV_UAS) -> np.ndarray:
@@ -52,4 +99,8 @@ def ring_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """``(n, 1, size, size)`` images in [0, 1] (see the module docstring)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     rng = np.random.default_rng(seed)
-    return torch.from_numpy(np.stack([ring_image(rng, size) for _ in range(n)])[:, None].astype(np.float32))
+    images = []
+    for _ in range(n):
+        model = augmented_model_image(rng, size) if rng.random() < 0.2 else None
+        images.append(model if model is not None else ring_image(rng, size))
+    return torch.from_numpy(np.stack(images)[:, None].astype(np.float32))

@@ -98,3 +98,16 @@ def test_no_closure_triangles(observation):
     two_stations = quiet(observation.flag_sites, [s for s in observation.tarr["site"] if s not in ("AA", "LM")])
     with pytest.raises(ValueError, match="no closure triangles"):
         closure_data(two_stations, 16, 160.0)
+
+
+def test_ring_generator_and_model_images():
+    from ppm_eht.rings import model_images, ring_images
+
+    images = ring_images(12, 32, torch.Generator().manual_seed(0))
+    assert images.shape == (12, 1, 32, 32)
+    assert float(images.min()) >= 0
+    assert torch.allclose(images.amax(dim=(1, 2, 3)), torch.ones(12))
+    ((model, fov),) = model_images()
+    assert model.shape == (100, 100)
+    assert fov == pytest.approx(160.0)  # the file header: FOVX 100 pix 0.000160 as
+    assert model.sum() == pytest.approx(2.488, abs=0.01)  # total flux in Jy, as ehtim reports it
