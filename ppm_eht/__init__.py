@@ -1,5 +1,5 @@
 """PPM Imaging for VLBI: ehtim data products, differentiable closure operators, black-hole priors.
 
-Work in progress: the data products and operators are built and checked against ehtim; the
-prior, the ``ppm eht`` command and the M87 demo are not built yet.
+The data products and operators are built and checked against ehtim. The prior, the ``ppm eht``
+command and the M87 demo are not built yet.
 """

@@ -1,10 +1,10 @@
 """VLBI data: uvfits loading with ehtim, standard preprocessing, and the data products the
 likelihood uses (visibilities, amplitudes, closure phases, log closure amplitudes).
 
-Conventions are ehtim's (version 1.2.7 and later): images are ``npix x npix`` with pixel size
-``psize`` in radians, the DFT matrix is ``ehtim.observing.obs_helpers.ftmatrix`` with the image's
-pulse (a triangle pulse by default), closure quantities are ehtim's minimal (non-redundant)
-sets, closure phases are in degrees, and amplitudes are debiased.
+Conventions are ehtim's (version 1.2.7 and later). Images are ``npix x npix`` with pixel size
+``psize`` in radians. The DFT matrix is ``ehtim.observing.obs_helpers.ftmatrix`` with the
+image's pulse (a triangle pulse by default). Closure quantities are ehtim's minimal
+(non-redundant) sets, closure phases are in degrees, and amplitudes are debiased.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def estimate_total_flux(obs, uv_max: float = 0.1e9) -> float:
 class ClosureData:
     """Data products of one observation on one image grid, ready for the torch operators.
 
-    ``uv`` holds the distinct (u, v) points used by any product; every product refers to them by
+    ``uv`` contains the distinct (u, v) points used by any product; every product refers to them by
     index, so each visibility is computed once. ``dft`` is ehtim's DFT matrix at those points.
     """
 
@@ -126,7 +126,7 @@ class ClosureData:
 
 
 def empty_image(obs, npix: int, fov_uas: float):
-    """An ehtim ``Image`` of zeros on the reconstruction grid, positioned like ``obs``."""
+    """Make an ehtim ``Image`` of zeros on the reconstruction grid, positioned like ``obs``."""
     eh = import_ehtim()
     return quiet(eh.image.make_empty, npix, fov_uas * UAS, obs.ra, obs.dec, rf=obs.rf, source=obs.source, mjd=obs.mjd)
 
