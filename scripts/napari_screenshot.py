@@ -38,8 +38,6 @@ def main(out: str) -> int:
     viewer.layers[f"{name} std"].visible = False
     viewer.grid.enabled = False
     viewer.reset_view()
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
     app.processEvents()
     image = viewer.screenshot(canvas_only=False, flash=False)
     from PIL import Image
