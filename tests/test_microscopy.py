@@ -19,9 +19,7 @@ from ppm_napari.noise import estimate_noise
 from ppm_napari.operator import SuperResolution
 from ppm_napari.superres import _axis_weight, tile_starts
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "microscopy"
-OTF_488 = SHARED / "rdl_sim" / "TIRF488_cam1_0_z30_OTF2d.mrc"
-needs_shared = pytest.mark.skipif(not OTF_488.is_file(), reason=f"shared microscopy data not found at {SHARED}")
+OTF_488 = Path(__file__).resolve().parents[1] / "sample_data" / "biosr_mt" / "TIRF488_cam1_0_z30_OTF2d.mrc"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,7 +79,6 @@ def test_psf_bad_parameters(call, message):
         call()
 
 
-@needs_shared
 def test_psf_from_otf_reproduces_the_file_profile():
     pixel = 31.3
     kernel = psf.psf_from_otf(OTF_488, pixel, size=127)
