@@ -106,6 +106,19 @@ def _noise_from_args(args: argparse.Namespace, frames: int):
     return SignalDependentNoise(slope, intercept, floor)
 
 
+def _check_distinct_files(args: argparse.Namespace) -> None:
+    """Reject runs whose outputs would overwrite an input or each other."""
+    paths = {"--out": args.out, "--metrics-json": args.metrics_json, "widefield": args.widefield, "--truth": args.truth}
+    seen: dict[Path, str] = {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise ValueError(f"{name} and {seen[resolved]} are the same file ({path}); the run would overwrite it")
+        seen[resolved] = name
+
+
 def run_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -121,6 +134,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     if not args.out.name.lower().endswith((".ome.tif", ".ome.tiff")):
         raise ValueError(f"--out must end in .ome.tif or .ome.tiff; got {args.out.name}")
     _check_output_file(args.out, "--out")
+    _check_distinct_files(args)
     if args.metrics_json is not None:
         if args.truth is None:
             raise ValueError("--metrics-json needs --truth (a ground-truth TIFF)")
@@ -137,7 +151,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     pixel_size = resolve_pixel_size(args.widefield, args.pixel_size)
     fine_pixel = pixel_size / args.scale
     psf, psf_info = _psf_from_args(args, fine_pixel)
-    frames = args.frames_averaged or n_frames
+    frames = n_frames if args.frames_averaged is None else args.frames_averaged
     if frames < 1:
         raise ValueError(f"--frames-averaged must be >= 1; got {frames}")
     noise = _noise_from_args(args, frames)
@@ -149,6 +163,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         expected = (widefield.shape[0] * args.scale, widefield.shape[1] * args.scale)
         if truth.shape != expected:
             raise ValueError(f"--truth has shape {truth.shape}; expected {expected} (the widefield's shape x --scale {args.scale})")
+        if not np.all(np.isfinite(truth)) or truth.max() <= truth.min():
+            raise ValueError(f"--truth {args.truth} is constant or contains NaN or infinite pixels")
 
     device = _resolve_device(args.device)
     prior = None

@@ -63,15 +63,36 @@ def read_pixel_size(path: str | os.PathLike) -> float | None:
                     unit = element.attrib.get("PhysicalSizeXUnit", "µm")
                     if unit not in _LENGTH_UNITS_NM:
                         raise ValueError(f"{path}: unsupported PhysicalSizeXUnit {unit!r}; expected one of nm, µm, mm")
-                    return float(element.attrib["PhysicalSizeX"]) * _LENGTH_UNITS_NM[unit]
+                    size_x = float(element.attrib["PhysicalSizeX"]) * _LENGTH_UNITS_NM[unit]
+                    if "PhysicalSizeY" in element.attrib:
+                        unit_y = element.attrib.get("PhysicalSizeYUnit", "µm")
+                        size_y = float(element.attrib["PhysicalSizeY"]) * _LENGTH_UNITS_NM.get(unit_y, float("nan"))
+                        _check_square_pixels(path, size_x, size_y)
+                    return _check_plausible(path, size_x)
         if tif.is_imagej and tif.imagej_metadata:
             unit = str(tif.imagej_metadata.get("unit", "")).strip()
             tag = tif.pages.first.tags.get("XResolution")
             if unit and tag is not None:
                 numerator, denominator = tag.value
                 if unit.lower() in _LENGTH_UNITS_NM and numerator > 0:
-                    return denominator / numerator * _LENGTH_UNITS_NM[unit.lower()]
+                    size_x = denominator / numerator * _LENGTH_UNITS_NM[unit.lower()]
+                    tag_y = tif.pages.first.tags.get("YResolution")
+                    if tag_y is not None and tag_y.value[0] > 0:
+                        _check_square_pixels(path, size_x, tag_y.value[1] / tag_y.value[0] * _LENGTH_UNITS_NM[unit.lower()])
+                    return _check_plausible(path, size_x)
     return None
+
+
+def _check_square_pixels(path: Path, size_x: float, size_y: float) -> None:
+    if not abs(size_x - size_y) <= 0.01 * size_x:
+        raise ValueError(f"{path} has non-square pixels ({size_x:g} x {size_y:g} nm); resample it to square pixels first")
+
+
+def _check_plausible(path: Path | str, size_nm: float, name: str = "pixel size") -> float:
+    """Reject pixel sizes outside [1 nm, 100 um], which are almost always a unit mistake."""
+    if not 1.0 <= size_nm <= 1e5:
+        raise ValueError(f"the {name} of {path} is {size_nm:g} nm, outside 1 nm - 100 um; check that it is given in nm")
+    return size_nm
 
 
 def read_widefield(path: str | os.PathLike, frames: str = "mean") -> tuple[np.ndarray, int]:
@@ -86,6 +107,14 @@ def read_widefield(path: str | os.PathLike, frames: str = "mean") -> tuple[np.nd
             data = tif.asarray()
         except Exception as exc:
             raise ValueError(f"cannot decode the pixels of {path}: {exc}") from exc
+        axes = tif.series[0].axes if tif.series else ""
+        photometric = tif.pages.first.photometric if len(tif.pages) else None
+    if "S" in axes or (photometric is not None and photometric.name in ("RGB", "PALETTE", "YCBCR")):
+        raise ValueError(f"{path} is a colour (RGB) image; a single-channel widefield image is expected")
+    if "C" in axes and data.shape[axes.index("C")] > 1:
+        raise ValueError(f"{path} has {data.shape[axes.index('C')]} channels (axes {axes}); save the widefield channel on its own")
+    if not np.issubdtype(np.asarray(data).dtype, np.integer) and not np.issubdtype(np.asarray(data).dtype, np.floating):
+        raise ValueError(f"{path} has pixels of type {np.asarray(data).dtype}; expected integer or real values")
     data = np.squeeze(np.asarray(data))
     n_frames = data.shape[0] if data.ndim == 3 else 1
     if data.ndim == 3:
@@ -108,8 +137,8 @@ def resolve_pixel_size(path: str | os.PathLike, option: float | None, option_nam
     When both are present and differ by more than 1%, the mismatch is an error too.
     """
     from_file = read_pixel_size(path)
-    if option is not None and (not math.isfinite(option) or option <= 0):
-        raise ValueError(f"{option_name} must be a positive number of nm; got {option}")
+    if option is not None and (not math.isfinite(option) or not 1.0 <= option <= 1e5):
+        raise ValueError(f"{option_name} must be a pixel size in nm between 1 and 100000; got {option:g} (a value in um would be 1000x smaller)")
     if from_file is not None and option is not None and abs(from_file - option) > 0.01 * option:
         raise ValueError(
             f"{option_name} {option:g} nm does not match the pixel size {from_file:g} nm in {path}'s metadata; "
@@ -168,8 +197,11 @@ def read_result(path: str | os.PathLike) -> dict:
             raise ValueError(f"{path} is not an OME-TIFF")
         stack = tif.asarray()
         root = ET.fromstring(tif.ome_metadata)
-    description = next((e.text for e in root.iter() if e.tag.endswith("}Description") and e.text), None)
     names = [e.attrib.get("Name", "") for e in root.iter() if e.tag.endswith("}Channel")]
+    if stack.ndim != 3 or stack.shape[0] < 3 or names[:2] != ["posterior mean", "posterior std"]:
+        raise ValueError(f"{path} is not a PPM result: expected channels 'posterior mean', 'posterior std' and samples; "
+                         f"got shape {stack.shape} and channels {names[:3]}")
+    description = next((e.text for e in root.iter() if e.tag.endswith("}Description") and e.text), None)
     try:
         parameters = json.loads(description) if description else {}
     except json.JSONDecodeError as exc:

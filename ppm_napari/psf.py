@@ -43,7 +43,15 @@ def _check_positive(name: str, value: float) -> float:
     return value
 
 
+MAX_DEFAULT_SIZE = 1025  # a default PSF wider than this means a unit mistake (nm vs um)
+
+
 def _check_size(size: int | None, default: int) -> int:
+    if size is None and default > MAX_DEFAULT_SIZE:
+        raise ValueError(
+            f"the PSF would be {default} pixels wide, which means the pixel size is far smaller than the PSF; "
+            "check that the pixel size, wavelength and FWHM are all in nm"
+        )
     size = default if size is None else size
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 3 or size % 2 == 0:
         raise ValueError(f"size must be an odd integer >= 3; got {size!r}")

@@ -240,7 +240,9 @@ def super_resolve(
     tile = tile_size or max(height, width)
     overlap = tile_overlap if tile_overlap is not None else max(16, 2 * math.ceil(radius / scale))
     if tile < max(height, width) and not 0 < overlap < tile // 2 + 1:
-        raise ValueError(f"tile_overlap must be positive and at most half of tile_size ({tile}); got {overlap}")
+        origin = "given" if tile_overlap is not None else "the default, max(16, PSF diameter / scale)"
+        raise ValueError(f"tile_overlap ({overlap}, {origin}) must be positive and at most half of tile_size ({tile}); "
+                         f"use a tile_size of at least {2 * overlap} or a smaller tile_overlap")
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     tiles = [(r, c) for r in rows for c in cols]
     parameters |= {"tile_size": tile_size, "tile_overlap": overlap if len(tiles) > 1 else None, "tiles": len(tiles)}

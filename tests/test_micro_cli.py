@@ -204,3 +204,50 @@ def test_given_camera_noise_is_divided_by_frames(tmp_path, widefield, tiny_prior
     # The input stack has 9 frames; the mean of 9 frames has 1/9 of one frame's variance.
     assert noise["slope"] == pytest.approx(2.0 / 9)
     assert noise["intercept"] == pytest.approx((3.0**2 - 2.0 * 100) / 9)
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, widefield, caplog):
+    common = ["--pixel-size", 62.6, "--na", 1.3, "--wavelength", 525, "--method", "bicubic"]
+    out = tmp_path / "r.ome.tif"
+    before = widefield.read_bytes()
+    assert _run("micro", "reconstruct", widefield, *common, "--out", out, "--truth", GT, "--metrics-json", out) == 2
+    assert "--metrics-json and --out are the same file" in caplog.text
+    assert _run("micro", "reconstruct", widefield, *common, "--out", widefield.with_suffix(".ome.tif")) == 0
+    same = tmp_path / "in.ome.tif"
+    same.write_bytes(before)
+    assert _run("micro", "reconstruct", same, *common, "--out", same) == 2
+    assert same.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pixel-size", 0.0626, "--na", 1.3, "--wavelength", 525], "between 1 and 100000"),
+        (["--pixel-size", 62.6, "--gaussian-fwhm", 1e6], "check that the pixel size, wavelength and FWHM are all in nm"),
+        (["--pixel-size", 62.6, "--na", 1.3, "--wavelength", 525, "--frames-averaged", 0], "--frames-averaged must be >= 1"),
+    ],
+)
+def test_unit_mistakes_are_reported(tmp_path, widefield, caplog, extra, message):
+    assert _run("micro", "reconstruct", widefield, "--method", "bicubic", "--out", tmp_path / "r.ome.tif", *extra) == 2
+    assert message in caplog.text
+
+
+def test_rgb_channels_and_anisotropic_inputs_are_rejected(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    common = ["--pixel-size", 62.6, "--na", 1.3, "--wavelength", 525, "--method", "bicubic", "--out", tmp_path / "r.ome.tif"]
+    tifffile.imwrite(tmp_path / "rgb.tif", (rng.random((32, 32, 3)) * 255).astype(np.uint8), photometric="rgb")
+    assert _run("micro", "reconstruct", tmp_path / "rgb.tif", *common) == 2
+    assert "colour (RGB)" in caplog.text
+    tifffile.imwrite(tmp_path / "cyx.ome.tif", rng.random((3, 32, 32)).astype(np.float32), ome=True, metadata={"axes": "CYX"})
+    assert _run("micro", "reconstruct", tmp_path / "cyx.ome.tif", *common) == 2
+    assert "has 3 channels" in caplog.text
+    tifffile.imwrite(tmp_path / "aniso.ome.tif", rng.random((32, 32)).astype(np.float32), ome=True,
+                     metadata={"PhysicalSizeX": 62.6, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 100.0, "PhysicalSizeYUnit": "nm"})
+    assert _run("micro", "reconstruct", tmp_path / "aniso.ome.tif", *common[2:]) == 2
+    assert "non-square pixels" in caplog.text
+
+
+def test_read_result_rejects_other_ome_files(tmp_path):
+    tifffile.imwrite(tmp_path / "plain.ome.tif", np.ones((32, 32), np.float32), ome=True)
+    with pytest.raises(ValueError, match="is not a PPM result"):
+        read_result(tmp_path / "plain.ome.tif")
