@@ -82,6 +82,8 @@ def _psf_from_args(args: argparse.Namespace, fine_pixel: float):
         return psf_models.measured_psf(image, psf_pixel, fine_pixel), {"kind": "measured", "file": str(args.psf), "pixel_size_nm": psf_pixel}
     if args.otf is not None:
         return psf_models.psf_from_otf(args.otf, fine_pixel), {"kind": "otf", "file": str(args.otf)}
+    if not args.gaussian_fwhm > 0:
+        raise ValueError(f"--gaussian-fwhm must be a positive width in nm; got {args.gaussian_fwhm:g}")
     fwhm_px = args.gaussian_fwhm / fine_pixel
     return psf_models.gaussian_psf(fwhm_px), {"kind": "gaussian", "fwhm_nm": args.gaussian_fwhm}
 
@@ -157,9 +159,12 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     noise = _noise_from_args(args, frames)
     truth = None
     if args.truth is not None:
-        truth = np.squeeze(tifffile.imread(args.truth)).astype(np.float64) if args.truth.is_file() else None
-        if truth is None:
+        if not args.truth.is_file():
             raise FileNotFoundError(f"--truth file not found: {args.truth}")
+        try:
+            truth = np.squeeze(tifffile.imread(args.truth)).astype(np.float64)
+        except Exception as exc:  # tifffile raises several types for corrupt files
+            raise ValueError(f"cannot read --truth {args.truth} as TIFF: {exc}") from exc
         expected = (widefield.shape[0] * args.scale, widefield.shape[1] * args.scale)
         if truth.shape != expected:
             raise ValueError(f"--truth has shape {truth.shape}; expected {expected} (the widefield's shape x --scale {args.scale})")

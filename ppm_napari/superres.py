@@ -175,6 +175,7 @@ def super_resolve(
         Posterior methods of :func:`ppm_core.reconstruct`, or ``"richardson-lucy"`` / ``"bicubic"``.
     n_samples, steps, seed, options
         Passed to :func:`ppm_core.reconstruct`; ``MICROSCOPY_DEFAULTS`` fills what is not given.
+        For ``"richardson-lucy"``, ``steps`` sets the number of iterations (``rl_iterations``).
     noise : SignalDependentNoise, optional
         Noise of ``widefield`` in its units; estimated from the image when omitted.
     tile_size, tile_overlap : int, optional
@@ -205,6 +206,8 @@ def super_resolve(
     }
 
     if method in DETERMINISTIC_METHODS:
+        if method == "richardson-lucy" and steps is not None:
+            rl_iterations = steps  # steps means iterations for Richardson-Lucy
         estimate = richardson_lucy(image, psf, scale, rl_iterations) if method == "richardson-lucy" else upsample(image, scale)
         if method == "richardson-lucy":
             parameters["iterations"] = rl_iterations

@@ -140,7 +140,7 @@ def test_bad_widefield_files(tmp_path, caplog, kind, message):
         (["--na", 1.3], "needs both --na and --wavelength"),
         (["--na", 3, "--wavelength", 525], "na must be at most 1.7"),
         (["--otf", "missing.mrc"], "OTF file not found"),
-        (["--gaussian-fwhm", -5], "fwhm_px must be a positive number"),
+        (["--gaussian-fwhm", -5], "--gaussian-fwhm must be a positive width in nm"),
         (["--na", 1.3, "--wavelength", 525, "--noise", "gaussian"], "--noise gaussian needs a positive --noise-std"),
         (["--na", 1.3, "--wavelength", 525, "--noise", "poisson-gaussian"], "needs a positive --gain"),
         (["--na", 1.3, "--wavelength", 525, "--metrics-json", "m.json"], "--metrics-json needs --truth"),
