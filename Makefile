@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-inpainting bench screenshot clean
+.PHONY: venv test demo demo-inpainting bench figures screenshot clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile
 # The napari tests need a display: the script runs pytest under Xvfb (installing it when missing).
 test: $(STAMP)
 	sh scripts/run_tests.sh $(PY)
+
+# docs/filament_prior.png and docs/biosr_demo.png (the demo's figure), rewritten by their scripts.
+figures: $(STAMP)
+	$(PY) scripts/prior_figure.py docs/filament_prior.png
+	$(PY) -m ppm_napari.demo --out demo_output
+	cp demo_output/biosr_demo.png docs/biosr_demo.png
 
 # docs/napari.png from a real viewer with a finished PPM run on the sample data.
 screenshot: $(STAMP)

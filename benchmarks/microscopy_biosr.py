@@ -1,9 +1,9 @@
 """BioSR microtubules: PPM against RED-Diff, DPS, Richardson-Lucy and bicubic, at both SNR levels.
 
 Each (level, method) runs ``ppm micro reconstruct`` in its own process, so wall time and peak
-memory (peak resident set size) are those of one run. Prints a Markdown section to stdout, or
-with ``--update PAGE`` replaces that section of PAGE (everything from its heading to the end);
-``--figure`` writes a grid of the posterior means (and PPM's std).
+memory (peak resident set size) are those of one run. The script prints a Markdown section to
+stdout. With ``--update PAGE`` it replaces that section of PAGE instead (everything from its
+heading to the end). ``--figure`` writes a grid of the posterior means and PPM's std.
 
     python benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png --update docs/benchmarks.md
 """
@@ -71,9 +71,9 @@ def main() -> int:
         from ppm_core.io import atomic_path
 
         old = args.update.read_text() if args.update.is_file() else ""
-        kept = old.split(HEADING)[0].rstrip() + "\n\n" if HEADING in old or old else ""
+        preceding = old.split(HEADING)[0].rstrip() + "\n\n" if old else ""
         with atomic_path(args.update) as tmp:
-            tmp.write_text(kept + page.getvalue())
+            tmp.write_text(preceding + page.getvalue())
     else:
         sys.stdout.write(page.getvalue())
     if args.figure is not None:

@@ -33,6 +33,10 @@ from .data import ClosureData
 TERMS = ("cphase", "logcamp", "flux", "vis", "amp")
 
 
+def _as_tensor(values, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.as_tensor(np.asarray(values), dtype=dtype)
+
+
 class ClosureOperator(Operator):
     """Closure phases and log closure amplitudes of an image, with their likelihood.
 
@@ -63,19 +67,18 @@ class ClosureOperator(Operator):
         dft = torch.from_numpy(np.ascontiguousarray(data.dft))
         self.register_buffer("dft_real", dft.real.clone())
         self.register_buffer("dft_imag", dft.imag.clone())
-        as_tensor = lambda a, dtype=torch.float64: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
-        self.register_buffer("cphase_index", as_tensor(data.cphase_index, torch.long))
-        self.register_buffer("logcamp_index", as_tensor(data.logcamp_index, torch.long))
-        self.register_buffer("vis_index", as_tensor(data.vis_index, torch.long))
-        self.register_buffer("cphase_obs", as_tensor(np.deg2rad(data.cphase)))
-        self.register_buffer("cphase_sigma", as_tensor(np.deg2rad(data.cphase_sigma)))
-        self.register_buffer("logcamp_obs", as_tensor(data.logcamp))
-        self.register_buffer("logcamp_sigma", as_tensor(data.logcamp_sigma))
-        self.register_buffer("vis_obs_real", as_tensor(np.real(data.vis)))
-        self.register_buffer("vis_obs_imag", as_tensor(np.imag(data.vis)))
-        self.register_buffer("vis_sigma", as_tensor(data.vis_sigma))
-        self.register_buffer("amp_obs", as_tensor(data.amp))
-        self.register_buffer("amp_sigma", as_tensor(data.amp_sigma))
+        self.register_buffer("cphase_index", _as_tensor(data.cphase_index, torch.long))
+        self.register_buffer("logcamp_index", _as_tensor(data.logcamp_index, torch.long))
+        self.register_buffer("vis_index", _as_tensor(data.vis_index, torch.long))
+        self.register_buffer("cphase_obs", _as_tensor(np.deg2rad(data.cphase)))
+        self.register_buffer("cphase_sigma", _as_tensor(np.deg2rad(data.cphase_sigma)))
+        self.register_buffer("logcamp_obs", _as_tensor(data.logcamp))
+        self.register_buffer("logcamp_sigma", _as_tensor(data.logcamp_sigma))
+        self.register_buffer("vis_obs_real", _as_tensor(np.real(data.vis)))
+        self.register_buffer("vis_obs_imag", _as_tensor(np.imag(data.vis)))
+        self.register_buffer("vis_sigma", _as_tensor(data.vis_sigma))
+        self.register_buffer("amp_obs", _as_tensor(data.amp))
+        self.register_buffer("amp_sigma", _as_tensor(data.amp_sigma))
 
     # -------------------------------------------------------------------------------------------
     # Products
@@ -104,7 +107,7 @@ class ClosureOperator(Operator):
         return products.reshape(x.shape[0], *self.out_shape)
 
     def measurement(self) -> Tensor:
-        """The observed closure phases (radians) and log closure amplitudes, shaped like ``A(x)``."""
+        """Return the observed closure phases (radians) and log closure amplitudes, shaped like ``A(x)``."""
         return torch.cat([self.cphase_obs, self.logcamp_obs]).reshape(1, *self.out_shape)
 
     # -------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ PIXEL_SIZE_NM = 62.6
 
 
 def figure(widefield, rl, mean, std, truth, path: Path, title: str) -> None:
-    """The six-panel comparison figure, written atomically."""
+    """Draw the six-panel comparison figure and write it atomically."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,7 +10,7 @@ channel     content
 2 ...       posterior samples 1 ... N
 ==========  =========================================================
 
-Channel names say the same. ``PhysicalSizeX/Y`` is the super-resolved pixel size (input pixel
+The OME channel names repeat this layout. ``PhysicalSizeX/Y`` is the super-resolved pixel size (input pixel
 size / scale) in micrometres. The OME ``Description`` of the image holds the run's parameters
 as JSON (method, options, PSF, noise model, scale, prior, software version), and a
 ``MapAnnotation`` repeats the main ones as key-value pairs for OMERO and Fiji.
@@ -113,18 +113,18 @@ def read_widefield(path: str | os.PathLike, frames: str = "mean") -> tuple[np.nd
         raise ValueError(f"{path} is a colour (RGB) image; a single-channel widefield image is expected")
     if "C" in axes and data.shape[axes.index("C")] > 1:
         raise ValueError(f"{path} has {data.shape[axes.index('C')]} channels (axes {axes}); save the widefield channel on its own")
-    if not np.issubdtype(np.asarray(data).dtype, np.integer) and not np.issubdtype(np.asarray(data).dtype, np.floating):
-        raise ValueError(f"{path} has pixels of type {np.asarray(data).dtype}; expected integer or real values")
     data = np.squeeze(np.asarray(data))
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"{path} has pixels of type {data.dtype}; expected integer or real values")
     n_frames = data.shape[0] if data.ndim == 3 else 1
     if data.ndim == 3:
         if frames != "mean":
-            raise ValueError(f"{path} holds a stack of shape {data.shape}; a single 2-D widefield image is expected")
+            raise ValueError(f"{path} contains a stack of shape {data.shape}; a single 2-D widefield image is expected")
         data = data.astype(np.float64).mean(axis=0)
     if data.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D image or a 3-D stack of frames; got shape {data.shape}")
     if data.size == 0:
-        raise ValueError(f"{path} holds an empty image")
+        raise ValueError(f"{path} contains an empty image")
     data = data.astype(np.float64)
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{path} contains NaN or infinite pixels")

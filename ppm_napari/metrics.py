@@ -2,7 +2,7 @@
 
 The ground truth and the reconstruction are in different intensity units (SIM software output
 against camera ADU), so every score first puts them on a common scale, and the choice moves
-PSNR by several dB. We report two protocols, and say which is which:
+PSNR by several dB. We report both of these protocols and name each:
 
 - ``minmax``: each image min-max normalized to [0, 1], data range 1 (the DFCAN/BioSR protocol);
 - ``fitted``: the estimate mapped by the affine least-squares fit ``a x + b`` onto the ground
@@ -101,7 +101,7 @@ def diversity(samples: np.ndarray) -> float:
 
 
 def evaluate(samples: np.ndarray, mean: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
-    """All scores of one reconstruction; coverage is ``None`` for a single sample."""
+    """Compute all scores of one reconstruction; coverage is ``None`` for a single sample."""
     samples = np.asarray(samples)
     return {
         "psnr_minmax": psnr(mean, truth, "minmax"),

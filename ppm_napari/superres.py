@@ -13,7 +13,7 @@ sums to 1 and the camera averages), so the same affine map applies to the measur
 the noise model is rescaled with it.
 
 Large images are cut into overlapping tiles (``tile_size``, in camera pixels), reconstructed
-one after another and blended with linear ramps across the overlaps; peak memory then depends
+one after another and blended with linear ramps across the overlaps. Peak memory then depends
 on the tile size, not the image size.
 """
 
@@ -102,7 +102,7 @@ def richardson_lucy(widefield: np.ndarray, psf: np.ndarray, scale: int, iteratio
     return deconvolved * peak + background
 
 
-def _check_image(widefield: np.ndarray, scale: int) -> np.ndarray:
+def _check_image(widefield: np.ndarray) -> np.ndarray:
     image = np.asarray(widefield, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"widefield must be a 2-D image; got shape {image.shape}")
@@ -183,17 +183,16 @@ def super_resolve(
         overlap defaults to 16 pixels or twice the PSF radius, whichever is larger.
     callback : callable, optional
         Gets ``{"tile", "tiles", "iteration", "steps", "losses", "preview", "origin"}`` after each
-        iteration, where ``preview`` is the current mean of the tile in the input's units and
-        ``origin`` its top-left corner on the fine grid; returning ``True`` cancels with
+        iteration. ``preview`` is the current mean of the tile in the input's units, and ``origin``
+        its top-left corner on the fine grid. Returning ``True`` cancels with
         ``ReconstructionCancelled``.
     """
     start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    image = _check_image(widefield, scale)
+    image = _check_image(widefield)
     psf = np.asarray(psf, dtype=np.float64)
-    operator_check = SuperResolution(psf, scale, image.shape)  # validates psf and scale
-    del operator_check
+    SuperResolution(psf, scale, image.shape)  # raises ValueError for a bad psf or scale
     if noise is None:
         noise = estimate_noise(image)
     parameters: dict[str, Any] = {

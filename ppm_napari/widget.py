@@ -191,7 +191,7 @@ class ReconstructionWidget(Container):
         worker.yielded.connect(lambda state: self._on_progress(state, settings))
         worker.returned.connect(lambda result: self._on_result(result, settings))
         worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.finished.connect(lambda: self._on_finished(settings["source"]))
         self.worker = worker
         self.run_button.enabled = False
         self.cancel_button.enabled = True
@@ -243,9 +243,9 @@ class ReconstructionWidget(Container):
         show_error(str(exc))
         self.status.value = "failed"
 
-    def _on_finished(self) -> None:
-        source = self.image.value.name if self.image.value is not None else None
-        if self._cancel.is_set() and source is not None:
+    def _on_finished(self, source: str) -> None:
+        # The run's own input, which may no longer be the one selected in the widget.
+        if self._cancel.is_set():
             name = f"{source} preview"
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
@@ -270,10 +270,10 @@ def _default_steps(method: str) -> int:
 
 
 def _fine_geometry(settings: dict) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Scale and translate of the fine grid so that it overlays the input layer.
+    """Compute the scale and translate of the fine grid so that it overlays the input layer.
 
-    Input pixel ``i`` is centred at ``translate + i * scale`` and covers half a pixel each side;
-    fine pixel ``j`` is centred ``(j + 1/2) / factor - 1/2`` input pixels from the first centre.
+    Input pixel ``i`` is centred at ``translate + i * scale`` and covers half a pixel each side.
+    Fine pixel ``j`` is centred ``(j + 1/2) / factor - 1/2`` input pixels from the first centre.
     """
     factor = settings["scale"]
     scale = tuple(s / factor for s in settings["layer_scale"])

@@ -168,7 +168,7 @@ def test_superresolution_adjoint(scale, shape):
     assert float(lhs) == pytest.approx(float(rhs), rel=1e-10)
 
 
-def test_superresolution_matches_scipy_in_the_interior_and_keeps_constants():
+def test_superresolution_matches_scipy_interior():
     kernel = psf.airy_psf(1.3, 525, 31.3, size=15)
     op = SuperResolution(kernel, 2, (20, 24)).double()
     rng = np.random.default_rng(1)
@@ -315,7 +315,7 @@ def test_read_widefield_averages_stacks_and_rejects_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("length, tile, overlap", [(128, 48, 16), (100, 40, 10), (130, 128, 16), (64, 64, 16)])
-def test_tiles_cover_with_overlap_and_weights_sum_to_one(length, tile, overlap):
+def test_tile_weights_sum_to_one(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0
     assert min(starts[-1] + tile, length) == length

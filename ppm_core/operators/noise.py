@@ -209,9 +209,9 @@ class SignalDependentNoise(NoiseModel):
 
     The form of Poisson-Gaussian camera noise written in the measurement's own units: with gain
     ``g`` (ADU per photon), camera offset ``o`` and read noise ``r`` (ADU), ``slope = g`` and
-    ``intercept = r^2 - g o``. It stays the same form after any affine change of intensity units,
-    which is why microscopy reconstructions, which rescale images, use it; and it can be fitted
-    to an image without knowing the camera (see ``ppm_napari.noise.estimate_noise``).
+    ``intercept = r^2 - g o``. The form survives any affine change of intensity units, so
+    microscopy reconstructions, which rescale images, use it. It can also be fitted to an image
+    without knowing the camera (see ``ppm_napari.noise.estimate_noise``).
 
     Parameters
     ----------
@@ -246,7 +246,7 @@ class SignalDependentNoise(NoiseModel):
         return Ax + self.variance(Ax).sqrt() * eps
 
     def rescaled(self, offset: float, scale: float) -> SignalDependentNoise:
-        """The same noise for ``(y - offset) / scale``."""
+        """Return the same noise for ``(y - offset) / scale``."""
         return SignalDependentNoise(
             self.slope / scale,
             (self.intercept + self.slope * offset) / scale**2,
