@@ -2,8 +2,8 @@
 
 Each (level, method) runs ``ppm micro reconstruct`` in its own process, so wall time and peak
 memory (peak resident set size) are those of one run. The script prints a Markdown section to
-stdout. With ``--update PAGE`` it replaces that section of PAGE instead (everything from its
-heading to the end). ``--figure`` writes a grid of the posterior means and PPM's std.
+stdout. With ``--update PAGE`` it replaces that section of PAGE instead (from its heading to the
+next section). ``--figure`` writes a grid of the posterior means and PPM's std.
 
     python benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png --update docs/benchmarks.md
 """
@@ -68,12 +68,9 @@ def main() -> int:
     with contextlib.redirect_stdout(page):
         table(rows, args.samples)
     if args.update is not None:
-        from ppm_core.io import atomic_path
+        from _page import replace_section
 
-        old = args.update.read_text() if args.update.is_file() else ""
-        preceding = old.split(HEADING)[0].rstrip() + "\n\n" if old else ""
-        with atomic_path(args.update) as tmp:
-            tmp.write_text(preceding + page.getvalue())
+        replace_section(args.update, HEADING, page.getvalue())
     else:
         sys.stdout.write(page.getvalue())
     if args.figure is not None:

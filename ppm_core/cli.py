@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ppm_napari.cli import add_parser as add_micro_parser
 
     add_micro_parser(subparsers)
+    from ppm_eht.cli import add_parser as add_eht_parser
+
+    add_eht_parser(subparsers)
     return parser
 
 

@@ -1,5 +1,12 @@
-"""PPM Imaging for VLBI: ehtim data products, differentiable closure operators, black-hole priors.
+"""PPM Imaging for VLBI: black-hole imaging with posterior uncertainty from uvfits files.
 
-The data products and operators are built and checked against ehtim. The prior, the ``ppm eht``
-command and the M87 demo are not built yet.
+``reconstruct_uvfits(path)`` draws posterior samples of the Stokes I image from the closure
+phases and log closure amplitudes of an observation under the shipped ring prior, and returns
+them with ehtim ``Image`` views, per-sample chi-squares and ring features. The command line is
+``ppm eht reconstruct | rml | simulate``.
 """
+
+from .features import RingFeatures, ring_features
+from .reconstruct import VLBIPosterior, reconstruct_obs, reconstruct_uvfits
+
+__all__ = ["RingFeatures", "VLBIPosterior", "reconstruct_obs", "reconstruct_uvfits", "ring_features"]

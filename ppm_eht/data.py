@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,13 @@ def import_ehtim():
 
 
 def quiet(function, *args, **kwargs):
-    """Call an ehtim function with its progress prints captured and logged at debug level."""
+    """Call an ehtim function with its progress prints captured and logged at debug level.
+
+    numpy's RuntimeWarnings from ehtim (such as empty RL/LR averages in Stokes I files) are silenced.
+    """
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         result = function(*args, **kwargs)
     text = buffer.getvalue().strip()
     if text:
@@ -93,7 +98,7 @@ def estimate_total_flux(obs, uv_max: float = 0.1e9) -> float:
     data = obs.unpack(["uvdist", "amp"])
     short = data["amp"][data["uvdist"] < uv_max]
     if len(short) == 0:
-        raise ValueError(f"no baselines shorter than {uv_max / 1e9:g} Glambda to estimate the total flux; pass total_flux")
+        raise ValueError(f"no baselines shorter than {uv_max / 1e9:g} Glambda to estimate the total flux; pass total_flux (--total-flux on the command line)")
     return float(np.median(short))
 
 

@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage
 
 FOV_UAS = 160.0
-MODEL_FILES = (Path(__file__).resolve().parents[1] / "sample_data" / "eht" / "avery_sgra_eofn.txt",)
+MODEL_FILES = tuple(Path(__file__).resolve().parents[1] / "sample_data" / "eht" / name for name in ("avery_sgra_eofn.txt", "jason_mad_eofn.txt"))
 
 
 @functools.cache

@@ -107,7 +107,8 @@ def test_ring_generator_and_model_images():
     assert images.shape == (12, 1, 32, 32)
     assert float(images.min()) >= 0
     assert torch.allclose(images.amax(dim=(1, 2, 3)), torch.ones(12))
-    ((model, fov),) = model_images()
-    assert model.shape == (100, 100)
-    assert fov == pytest.approx(160.0)  # the file header: FOVX 100 pix 0.000160 as
-    assert model.sum() == pytest.approx(2.488, abs=0.01)  # total flux in Jy, as ehtim reports it
+    (avery, avery_fov), (jason, jason_fov) = model_images()
+    # The file headers: FOVX 100 pix 0.000160 as and 150 pix 0.000130 as; total fluxes as ehtim reports them.
+    assert avery.shape == (100, 100) and jason.shape == (150, 150)
+    assert (avery_fov, jason_fov) == pytest.approx((160.0, 130.0))
+    assert (avery.sum(), jason.sum()) == pytest.approx((2.488, 4.104), abs=0.01)

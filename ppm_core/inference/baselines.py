@@ -121,7 +121,9 @@ def dps(
     """Diffusion posterior sampling (Chung et al. 2023) with an ancestral Euler sampler.
 
     After each reverse step, ``x -= zeta * grad_x ||y - A(D_p(x, sigma))||`` (unsquared norm,
-    as in the original, whose ``zeta`` ranged from 0.3 to 1.0 by task).
+    as in the original, whose ``zeta`` ranged from 0.3 to 1.0 by task). An operator with a
+    ``dps_residual(x, y)`` method (a likelihood that is not Gaussian in ``y - A(x)``) supplies
+    the norm instead.
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2; got {steps}")
@@ -135,7 +137,10 @@ def dps(
         # Denoise and measure the residual of the denoised estimate.
         x = x.detach().requires_grad_(True)
         denoised = prior.denoiser(x, sigma)
-        residual = (y - operator.A(denoised)).flatten(1).norm(dim=1)
+        if hasattr(operator, "dps_residual"):  # operators with a non-Gaussian likelihood give a weighted norm
+            residual = operator.dps_residual(denoised, y)
+        else:
+            residual = (y - operator.A(denoised)).flatten(1).norm(dim=1)
         (grad,) = torch.autograd.grad(residual.sum(), x)
         check_finite({"residual norm": residual.detach()}, i, {"residual norm": "lower 'zeta' or check y and the operator"})
 

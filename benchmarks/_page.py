@@ -1,0 +1,26 @@
+"""Replace one ``## `` section of a Markdown page with a benchmark's printed output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def replace_section(page: Path, heading: str, text: str) -> None:
+    """Put ``text`` (which starts with ``heading``) in place of that section of ``page``, atomically.
+
+    The section runs from the line starting with ``heading`` to the next ``## `` heading or the
+    end of the page; it is appended when the page has none.
+    """
+    from ppm_core.io import atomic_path
+
+    old = page.read_text() if page.is_file() else ""
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + text
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        after = "".join(lines[end:])
+        new = "".join(lines[:start]) + text.rstrip() + "\n" + ("\n" + after if after else "")
+    with atomic_path(page) as tmp:
+        tmp.write_text(new)
