@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 logger = logging.getLogger("ppm.eht")
@@ -46,8 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "rml",
         help="ehtim's regularized maximum-likelihood image of the same data, for comparison",
         description="Image a uvfits file with ehtim's RML imager from closure phases and log closure amplitudes, with the "
-                    "regularizers of the EHT collaboration's fiducial ehtim M87 script (relative entropy to a Gaussian, TV, "
-                    "TV2, total flux) and blurred restarts. Writes an ehtim FITS image.",
+                    "regularizer types of the EHT collaboration's fiducial ehtim M87 script (relative entropy to a Gaussian, TV, "
+                    "TV2, total flux), no self-calibration, and blurred restarts. Writes an ehtim FITS image.",
     )
     p.add_argument("uvfits", type=Path, help="observation (uvfits)")
     p.add_argument("--out", type=Path, required=True, help="FITS image to write")
@@ -96,8 +97,19 @@ def _write_json(path: Path, payload: dict) -> None:
     from ppm_core.io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
     logger.info("wrote %s", path)
+
+
+def _finite(value):
+    """Replace NaN and infinities by None, recursively, so the JSON is valid."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _check_grid_args(args: argparse.Namespace) -> None:
@@ -154,8 +166,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     summary = posterior.summary()
     ring = summary["ring"]
     chisq = summary["reduced_chisq"]
-    logger.info("reduced chi2 per sample (median): closure phases %.2f, log closure amplitudes %.2f",
-                chisq["cphase"]["median"], chisq["logcamp"]["median"])
+    logger.info("reduced chi2 per sample (median): %s", ", ".join(f"{k} {v['median']:.2f}" for k, v in chisq.items()))
     if "mean" in ring["diameter"]:
         logger.info("ring diameter %.1f +- %.1f uas, width %.1f +- %.1f uas, bright side at %.0f +- %.0f deg east of north",
                     ring["diameter"]["mean"], ring["diameter"]["std"], ring["width"].get("mean", float("nan")),
@@ -177,8 +188,8 @@ def run_rml(args: argparse.Namespace) -> int:
     from ppm_core.io import atomic_path
 
     from .data import UAS, closure_data, estimate_total_flux, load_uvfits, preprocess, quiet
-    from .features import ring_features
     from .io import rml_image
+    from .reconstruct import find_ring
     from .operators import ClosureOperator
 
     if not args.out.name.lower().endswith((".fits", ".fit", ".fts")):
@@ -197,12 +208,11 @@ def run_rml(args: argparse.Namespace) -> int:
     array = image.imvec.reshape(image.ydim, image.xdim)
     x = torch.as_tensor(array)[None, None]
     operator = ClosureOperator(data, terms=("cphase", "logcamp"))
-    chisq = {dtype: float(operator.chisq(x, dtype)[0]) for dtype in ("cphase", "logcamp")}
-    try:
-        ring = {k: (v if np.isfinite(v) else None) for k, v in ring_features(array, image.psize / UAS).as_dict().items()}
-    except ValueError:
-        ring = None
-    logger.info("reduced chi2: closure phases %.2f, log closure amplitudes %.2f", chisq["cphase"], chisq["logcamp"])
+    counts = {"cphase": len(data.cphase), "logcamp": len(data.logcamp)}
+    chisq = {dtype: float(operator.chisq(x, dtype)[0]) for dtype, count in counts.items() if count}
+    ring = find_ring(array, image.psize / UAS)
+    ring = ring.as_dict() if ring is not None else None
+    logger.info("reduced chi2: %s", ", ".join(f"{k} {v:.2f}" for k, v in chisq.items()))
     if args.summary_json is not None:
         from .reconstruct import peak_memory_mb
 
@@ -220,6 +230,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() not in (".uvfits", ".fits", ".uvf"):
         raise ValueError(f"--out must end in .uvfits; got {args.out.name}")
     _check_paths({"model": args.model, "--like": args.like}, {"--out": args.out})
+    if not 0 <= args.gain_error < 1:
+        raise ValueError(f"--gain-error is a fraction in [0, 1); got {args.gain_error:g}")
     model = load_model_image(args.model)
     if args.total_flux is not None:
         if not args.total_flux > 0:

@@ -177,6 +177,10 @@ def closure_data(obs, npix: int, fov_uas: float, total_flux: float | None = None
     if len(logcamp_table):
         logcamp, logcamp_sigma, _ = quiet(iu.chisqdata_logcamp, obs, template, mask, **chisq_kwargs)
 
+    if len(cphase) != len(cphase_table) or len(logcamp) != len(logcamp_table) or len(vis) != len(uv_vis):
+        # ehtim's chisqdata_* filter (snrcut, cp_uv_min, maxset) while the (u, v) tables above do not.
+        raise ValueError(f"options {sorted(chisq_kwargs)} removed data points, so values and (u, v) points no longer match; "
+                         "flag the observation itself instead (such as obs.flag_low_snr)")
     blocks = [uv_vis, *cp_uv, *lc_uv]
     uv, inverse = np.unique(np.concatenate(blocks), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)

@@ -1,9 +1,9 @@
 """Ring features of black-hole images: diameter, width, position angle of the bright side.
 
 The definitions follow the image-domain ring extraction (REx) of the EHT M87 results (Paper IV,
-2019, section 9): from a centre, radial profiles are taken at ``n_angles`` position angles; the
-centre is the point that makes the radii of the profile peaks most alike (smallest std / mean);
-then
+2019, section 9). Radial profiles are taken from a centre at ``n_angles`` position angles. The
+centre is the point that makes the radii of the profile peaks most alike (smallest std / mean).
+Then:
 
 - diameter ``d``: twice the mean peak radius;
 - width ``w``: mean full width at half maximum of the radial profiles, measured from the
@@ -43,7 +43,8 @@ class RingFeatures:
     radius_spread: float  # std / mean of the peak radii: 0 for a perfect circle
 
     def as_dict(self) -> dict:
-        return {key: float(value) for key, value in asdict(self).items()}
+        """Return the fields as floats, with None for an undefined value (such as a width without half-maximum crossings)."""
+        return {key: float(value) if np.isfinite(value) else None for key, value in asdict(self).items()}
 
 
 def _profiles(image: np.ndarray, psize: float, east: float, north: float, radii: np.ndarray, angles: np.ndarray) -> np.ndarray:
@@ -141,11 +142,12 @@ def ring_features(
     grid = np.arange(-search_uas, search_uas + 1e-9, psize_uas)
     candidates = [(east0 + de, north0 + dn) for de in grid for dn in grid]
     scores = [spread(np.array(c)) for c in candidates]
+    if not np.isfinite(min(scores)):
+        raise ValueError(f"no ring with a diameter in {diameter_range} uas around the brightness centroid")
     best = np.array(candidates[int(np.argmin(scores))])
-    if np.isfinite(min(scores)):
-        refined = optimize.minimize(spread, best, method="Nelder-Mead", options={"xatol": psize_uas / 20, "fatol": 1e-6})
-        if refined.fun <= min(scores):
-            best = refined.x
+    refined = optimize.minimize(spread, best, method="Nelder-Mead", options={"xatol": psize_uas / 20, "fatol": 1e-6})
+    if refined.fun <= min(scores):
+        best = refined.x
 
     profiles = _profiles(image, psize_uas, best[0], best[1], radii, angles)
     peaks, _ = _peak_radii(profiles, radii)

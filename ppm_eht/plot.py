@@ -35,24 +35,24 @@ def summary_figure(posterior, path: str | os.PathLike, n_samples: int = 4, title
     fov = posterior.psize_uas * posterior.samples.shape[-1]
     extent = (fov / 2, -fov / 2, -fov / 2, fov / 2)  # east to the left, as on the sky
     to_tb = 1.0 / (posterior.psize_uas**2)  # Jy per square microarcsecond
-    shown = posterior.samples[:n_samples]
+    first = posterior.samples[:n_samples]
     vmax = float(np.percentile(posterior.samples, 99.9)) * to_tb
     beam = quiet(posterior.obs.res)
     blurred = posterior.mean_image.blur_circ(beam).imvec.reshape(posterior.mean.shape)
 
-    columns = max(len(shown), 3) + 1
+    columns = max(len(first), 3) + 1
     fig, axes = plt.subplots(2, columns, figsize=(2.6 * columns, 5.6), constrained_layout=True)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    for i, sample in enumerate(shown):
+    for i, sample in enumerate(first):
         axes[0, i].imshow(sample * to_tb, cmap="afmhot", vmin=0, vmax=vmax, extent=extent)
         ring = posterior.features[i]
         label = f"sample {i + 1}"
         if ring is not None:
             label += f"\nd = {ring.diameter:.1f} uas"
         axes[0, i].set_title(label, fontsize=9)
-    for ax in axes[0, len(shown):-1]:
+    for ax in axes[0, len(first):-1]:
         ax.axis("off")
     im = axes[0, -1].imshow(posterior.mean * to_tb, cmap="afmhot", vmin=0, vmax=vmax, extent=extent)
     axes[0, -1].set_title("posterior mean", fontsize=9)
@@ -77,7 +77,7 @@ def summary_figure(posterior, path: str | os.PathLike, n_samples: int = 4, title
     ax.set_ylabel("v (G$\\lambda$)", fontsize=8)
     ax.set_title("uv coverage", fontsize=9)
 
-    if columns > 3:
+    if columns > 3 and "cphase" in posterior.chisq:
         ax = axes[1, 3]
         for i, sample in enumerate(posterior.samples):
             residual, order = closure_phase_residuals(posterior, sample)

@@ -185,7 +185,7 @@ class VLBIPosterior:
         for name in ("diameter", "width", "position_angle", "asymmetry"):
             values = np.array([getattr(f, name) if f is not None else np.nan for f in self.features])
             finite = values[np.isfinite(values)]
-            entry: dict[str, Any] = {"samples": [None if not np.isfinite(v) else float(v) for v in values]}
+            entry: dict[str, Any] = {"samples": [None if not np.isfinite(v) else float(v) for v in values], "n_rings": int(len(finite))}
             if name == "position_angle" and len(finite):
                 # Circular mean and std of an angle, in degrees.
                 vector = np.exp(1j * np.radians(finite)).mean()
@@ -201,14 +201,12 @@ class VLBIPosterior:
         return summary
 
     def features_of(self, array: np.ndarray) -> RingFeatures | None:
-        try:
-            return ring_features(array, self.psize_uas)
-        except ValueError:
-            return None
+        return find_ring(array, self.psize_uas)
 
     def summary(self) -> dict[str, Any]:
         """Return a JSON-serializable summary: run parameters, chi-squares and ring features."""
         chisq = {name: {"samples": values.tolist(), "median": float(np.median(values))} for name, values in self.chisq.items()}
+        # NOTE: chi-squares are of the samples before centring; the mean is of the centred samples.
         mean_chisq = {name: float(value) for name, value in self.chisq_of(self.mean).items()}
         return {
             "parameters": self.parameters,
@@ -225,7 +223,17 @@ class VLBIPosterior:
         """ehtim's reduced chi-squares of closure phases and log closure amplitudes for one image."""
         operator = ClosureOperator(self.data, terms=("cphase", "logcamp"))
         x = torch.as_tensor(np.asarray(array, dtype=np.float64))[None, None]
-        return {dtype: float(operator.chisq(x, dtype)[0]) for dtype in ("cphase", "logcamp")}
+        counts = {"cphase": len(self.data.cphase), "logcamp": len(self.data.logcamp)}
+        return {dtype: float(operator.chisq(x, dtype)[0]) for dtype, count in counts.items() if count}
+
+
+def find_ring(image: np.ndarray, psize_uas: float, max_spread: float = 0.3) -> RingFeatures | None:
+    """Return the ring of ``image``, or None when there is none (peak radii spread by more than ``max_spread``)."""
+    try:
+        ring = ring_features(image, psize_uas)
+    except ValueError:
+        return None
+    return ring if ring.radius_spread <= max_spread else None
 
 
 def center_image(image: np.ndarray, psize_uas: float) -> np.ndarray:
@@ -241,11 +249,8 @@ def center_image(image: np.ndarray, psize_uas: float) -> np.ndarray:
     if positive.sum() <= 0:
         return image
     n_rows, n_cols = image.shape
-    try:
-        ring = ring_features(image, psize_uas)
-    except ValueError:
-        ring = None
-    if ring is not None and ring.radius_spread < 0.3:
+    ring = find_ring(image, psize_uas)
+    if ring is not None:
         # Centre east/north in uas -> pixel offsets from the grid centre (east is towards column 0).
         shift = (ring.center_north / psize_uas, ring.center_east / psize_uas)
     else:
@@ -321,20 +326,18 @@ def reconstruct_obs(
     posterior = reconstruct(operator.measurement(), operator, prior, method=method, n_samples=n_samples, steps=steps,
                             seed=seed, callback=callback, **settings)
     with torch.no_grad():
-        samples = operator.to_jy(posterior.samples.double())[:, 0].numpy()
-    if center:
-        samples = np.stack([center_image(sample, data.psize / UAS) for sample in samples])
-    with torch.no_grad():
-        x = torch.as_tensor(samples)[:, None]
-        chisq = {dtype: closure.chisq(x, dtype).numpy() for dtype in ("cphase", "logcamp")}
+        x = operator.to_jy(posterior.samples.double())
+        # Chi-squares of the samples themselves, before the (sub-pixel, periodic) centring shift.
+        chisq = {dtype: closure.chisq(x, dtype).numpy() for dtype, count in (("cphase", len(data.cphase)), ("logcamp", len(data.logcamp)))
+                 if count}
+        samples = x[:, 0].numpy()
     psize_uas = data.psize / UAS
-    features = []
-    for sample in samples:
-        try:
-            features.append(ring_features(sample, psize_uas))
-        except ValueError as exc:
-            logger.warning("no ring found in a sample: %s", exc)
-            features.append(None)
+    if center:
+        samples = np.stack([center_image(sample, psize_uas) for sample in samples])
+    features = [find_ring(sample, psize_uas) for sample in samples]
+    if sum(f is None for f in features):
+        logger.warning("%d of %d samples have no ring (REx peak radii spread by more than 30%%); they are left out of the ring "
+                       "statistics", sum(f is None for f in features), len(features))
     parameters = {
         "method": method,
         "n_samples": n_samples,

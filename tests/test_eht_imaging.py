@@ -110,11 +110,17 @@ def test_posterior_fits_round_trip_through_ehtim(observation, tmp_path):
         assert hdul["SAMPLE2"].header["CHI2CP"] == pytest.approx(posterior.chisq["cphase"][1])
         assert hdul["SAMPLE2"].header["RINGD"] == pytest.approx(posterior.features[1].diameter, abs=1e-3)
         assert hdul["STD"].header["CDELT2"] == hdul[0].header["CDELT2"]
+        # The extensions are stored in the primary HDU's orientation: their mean is the primary image.
+        stored = np.mean([hdul[f"SAMPLE{i + 1}"].data for i in range(len(posterior.samples))], axis=0)
+        np.testing.assert_allclose(stored, hdul[0].data, rtol=1e-12)
 
 
 def test_summary_json_fields(observation):
+    import json
+
     posterior = _fake_posterior(observation)
     summary = posterior.summary()
+    json.dumps(summary, allow_nan=False)
     diameters = [f.diameter for f in posterior.features]
     assert summary["ring"]["diameter"]["mean"] == pytest.approx(np.mean(diameters))
     assert summary["ring"]["diameter"]["std"] == pytest.approx(np.std(diameters, ddof=1))
@@ -124,7 +130,7 @@ def test_summary_json_fields(observation):
 
 def test_simulated_observation_matches_its_model(observation, tmp_path):
     """ehtim's own chi-squares: the true model fits its simulated closures, a wrong model does not,
-    and station gain errors change amplitudes but not closure phases."""
+    and station gain and phase errors change visibilities but not closure phases."""
     from ppm_eht.io import load_model_image
 
     out = tmp_path / "sim.uvfits"
@@ -135,9 +141,9 @@ def test_simulated_observation_matches_its_model(observation, tmp_path):
     model = load_model_image(MODEL)
     model.ra, model.dec, model.rf, model.mjd = observation.ra, observation.dec, observation.rf, observation.mjd
     model.imvec *= 0.6 / model.total_flux()
+    # Point-reflected: the same visibility amplitudes, closure phases of the opposite sign.
     wrong = model.copy()
-    wrong.imvec = np.roll(model.imvec.reshape(model.ydim, model.xdim), 12, axis=1).reshape(-1)  # shifted: same amplitudes
-    wrong = wrong.rotate(np.pi / 2)
+    wrong.imvec = model.imvec.reshape(model.ydim, model.xdim)[::-1, ::-1].reshape(-1)
 
     def chisq(obs, image, dtype):
         return quiet(obs.chisq, image, dtype=dtype, ttype="direct")
@@ -149,6 +155,15 @@ def test_simulated_observation_matches_its_model(observation, tmp_path):
     assert chisq(corrupted, wrong, "cphase") > 5
     assert chisq(clean, model, "amp") < 1.6
     assert chisq(corrupted, model, "amp") > 3 * chisq(clean, model, "amp")
+    assert chisq(corrupted, model, "vis") > 10 * chisq(clean, model, "vis")  # the random station phases
+
+    # Without thermal noise, the corrupted closure phases equal the clean ones.
+    argv = ["eht", "simulate", str(MODEL), "--like", str(M87), "--total-flux", "0.6", "--no-noise"]
+    assert main([*argv, "--out", str(tmp_path / "exact.uvfits")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "exact_gains.uvfits"), "--gain-error", "0.2", "--phase-error"]) == 0
+    phases = [quiet(preprocess(load_uvfits(tmp_path / name), systematic_noise=0.0).c_phases, mode="all", count="min")["cphase"]
+              for name in ("exact.uvfits", "exact_gains.uvfits")]
+    np.testing.assert_allclose(np.angle(np.exp(1j * np.radians(phases[0] - phases[1]))), 0, atol=1e-6)
 
 
 def test_eht_cli_rejects_bad_input(observation, tmp_path, caplog):
@@ -205,6 +220,7 @@ def test_recovers_ring_diameter_of_a_synthetic_observation(observation, tmp_path
     summary = posterior.summary()
     diameter = summary["ring"]["diameter"]
     assert abs(diameter["mean"] - true_diameter) <= 3 * diameter["std"], (diameter, true_diameter)
+    assert diameter["std"] < 6, diameter  # an interval this wide would not inform anyone
     assert np.median(posterior.chisq["cphase"]) < 3
     assert np.median(posterior.chisq["logcamp"]) < 3
     assert summary["total_flux_jy"] == pytest.approx(0.6, rel=0.15)  # from the intra-site baselines, with gain errors
