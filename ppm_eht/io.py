@@ -152,9 +152,9 @@ def rml_image(obs, npix: int = 64, fov_uas: float = 160.0, total_flux: float | N
     The regularizers are those of the EHT collaboration's fiducial ehtim M87 script (2019, Paper
     IV): relative entropy to a Gaussian of ``prior_fwhm_uas``, TV, TV2 and a total-flux
     constraint (10^4), normalized. Unlike that script, only closure products are fitted and
-    there is no self-calibration, so the entropy weight is 1 (not 100) against data weights of
-    10, 100 and 200 in three stages; with weight 100 the closure-only image stays a Gaussian
-    blob. In each stage imaging runs four times, restarting from the previous image blurred to
+    there is no self-calibration. The entropy weight is therefore 1 (not 100), against data
+    weights of 10, 100 and 200 in three stages: with weight 100 the closure-only image stays a
+    Gaussian blob. In each stage imaging runs four times, restarting from the previous image blurred to
     the nominal resolution (the first start is the Gaussian). Returns an ehtim ``Image``.
     """
     from .data import estimate_total_flux, preprocess

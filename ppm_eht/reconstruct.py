@@ -9,9 +9,9 @@ of its closure products alone, and every sample has total flux ``F``: the poster
 the image's shape, not its flux.
 
 Position. Closure products do not change when the image moves, so the posterior leaves the
-position free; each sample is shifted to put its ring centre (or, without a ring, its brightness
-centroid) at the image centre before means and standard deviations are taken (``center=False``
-keeps the raw samples).
+position free. Each sample is shifted to put its ring centre (or, without a ring, its
+brightness centroid) at the image centre before means and standard deviations are taken.
+``center=False`` keeps the raw samples.
 
 Image grid. The prior was trained on a fixed pixel size (2.5 microarcseconds for the shipped
 prior: 64 pixels over 160); ``npix`` and ``fov_uas`` must keep it.
@@ -239,8 +239,8 @@ def find_ring(image: np.ndarray, psize_uas: float, max_spread: float = 0.3) -> R
 def center_image(image: np.ndarray, psize_uas: float) -> np.ndarray:
     """Shift ``image`` periodically (a Fourier phase ramp, which keeps the flux) to centre its ring.
 
-    The ring centre is the one :func:`~ppm_eht.features.ring_features` finds; for an image
-    without a ring (peak radii spread by more than 30%), the brightness centroid is used. The
+    The ring centre is the one :func:`~ppm_eht.features.ring_features` finds. An image without
+    a ring (peak radii spread by more than 30%) is centred on its brightness centroid. The
     target is ``(n - 1) / 2`` along each axis, the phase centre of ehtim's pixel grid.
     """
     from scipy import ndimage
