@@ -6,10 +6,10 @@ from pathlib import Path
 
 
 def replace_section(page: Path, heading: str, text: str) -> None:
-    """Put ``text`` (which starts with ``heading``) in place of that section of ``page``, atomically.
+    """Replace the section of ``page`` that starts with ``heading`` by ``text``, atomically.
 
     The section runs from the line starting with ``heading`` to the next ``## `` heading or the
-    end of the page; it is appended when the page has none.
+    end of the page. When the page has no such section, ``text`` is appended.
     """
     from ppm_core.io import atomic_path
 

@@ -79,7 +79,9 @@ def summary_figure(posterior, path: str | os.PathLike, n_samples: int = 4, title
 
     if columns > 3 and "cphase" in posterior.chisq:
         ax = axes[1, 3]
-        for i, sample in enumerate(posterior.samples):
+        # The residuals behind the chi-squares: those of the samples before the centring shift.
+        uncentred = posterior.uncentred if posterior.uncentred is not None else posterior.samples
+        for i, sample in enumerate(uncentred):
             residual, order = closure_phase_residuals(posterior, sample)
             ax.plot(order, residual, ".", ms=2, alpha=0.4, color="tab:gray" if i else "tab:red")
         ax.axhline(0, color="k", lw=0.5)

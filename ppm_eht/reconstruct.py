@@ -133,8 +133,10 @@ class FluxNormalizedClosure(Operator):
 class VLBIPosterior:
     """Posterior images of one observation, in Jy per pixel and ehtim's pixel order.
 
-    ``samples`` is ``(n, npix, npix)``. ``chisq`` gives ehtim's reduced chi-squares of each sample
-    for closure phases and log closure amplitudes, and ``features`` the ring of each sample.
+    ``samples`` is ``(n, npix, npix)``, centred on the ring unless the run set ``center=False``.
+    ``uncentred`` contains the same samples before that shift. ``chisq`` gives ehtim's reduced
+    chi-squares of each uncentred sample for closure phases and log closure amplitudes, and
+    ``features`` the ring of each sample.
     """
 
     samples: np.ndarray
@@ -146,6 +148,7 @@ class VLBIPosterior:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    uncentred: np.ndarray | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -332,6 +335,7 @@ def reconstruct_obs(
                  if count}
         samples = x[:, 0].numpy()
     psize_uas = data.psize / UAS
+    uncentred = samples
     if center:
         samples = np.stack([center_image(sample, psize_uas) for sample in samples])
     features = [find_ring(sample, psize_uas) for sample in samples]
@@ -359,7 +363,7 @@ def reconstruct_obs(
         "rf_ghz": obs.rf / 1e9,
     }
     return VLBIPosterior(samples, processed, data, chisq, features, parameters, posterior.history,
-                         time.perf_counter() - start, peak_memory_mb())
+                         time.perf_counter() - start, peak_memory_mb(), uncentred)
 
 
 def reconstruct_uvfits(
@@ -384,7 +388,8 @@ def reconstruct_uvfits(
     path : path
         uvfits file (read by ``ehtim.obsdata.load_uvfits``).
     prior : Prior or path, optional
-        Diffusion prior or prior folder; the shipped ring prior by default.
+        Diffusion prior or prior folder, the shipped ring prior by default. Only a folder's config
+        records the training pixel size, so a ``Prior`` object is not checked against the grid.
     npix, fov_uas : int, float
         Image grid: ``npix x npix`` pixels over ``fov_uas`` microarcseconds.
     method : one of :data:`METHODS`

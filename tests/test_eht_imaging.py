@@ -53,7 +53,7 @@ def test_ring_features_of_analytic_rings(diameter, fwhm, pa):
     assert (ring.center_east, ring.center_north) == pytest.approx((4.0, -3.0), abs=0.3)
 
 
-def test_center_image_moves_the_ring_to_the_centre_and_keeps_the_flux():
+def test_center_image_keeps_ring_and_flux():
     from ppm_eht.reconstruct import center_image
 
     image = ring_array(64, 2.5, 40.0, 8.0, 90.0, center=(12.0, -7.0))
@@ -220,8 +220,8 @@ def test_recovers_ring_diameter_of_a_synthetic_observation(observation, tmp_path
     summary = posterior.summary()
     diameter = summary["ring"]["diameter"]
     assert abs(diameter["mean"] - true_diameter) <= 3 * diameter["std"], (diameter, true_diameter)
-    # NOTE: the posterior std of the diameter is about 12 uas here, as wide as the prior's
-    # (uniform 20-60 uas: 11.5), so this interval check is weak; see README Limitations.
+    # NOTE: the posterior std of the diameter is about 12 uas here, as wide as the prior's (11.5 uas
+    # for diameters uniform in 20-60 uas). So this interval check is weak (see README Limitations).
     assert np.median(posterior.chisq["cphase"]) < 3
     assert np.median(posterior.chisq["logcamp"]) < 3
     assert summary["total_flux_jy"] == pytest.approx(0.6, rel=0.15)  # from the intra-site baselines, with gain errors

@@ -109,6 +109,7 @@ def test_ring_generator_and_model_images():
     assert torch.allclose(images.amax(dim=(1, 2, 3)), torch.ones(12))
     (avery, avery_fov), (jason, jason_fov) = model_images()
     # The file headers: FOVX 100 pix 0.000160 as and 150 pix 0.000130 as; total fluxes as ehtim reports them.
-    assert avery.shape == (100, 100) and jason.shape == (150, 150)
+    assert avery.shape == (100, 100)
+    assert jason.shape == (150, 150)
     assert (avery_fov, jason_fov) == pytest.approx((160.0, 130.0))
     assert (avery.sum(), jason.sum()) == pytest.approx((2.488, 4.104), abs=0.01)
