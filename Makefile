@@ -57,6 +57,8 @@ bench: $(STAMP)
 	mv docs/benchmarks.md.tmp docs/benchmarks.md
 	$(PY) benchmarks/microscopy_biosr.py --figure docs/microscopy_biosr.png --update docs/benchmarks.md
 	$(PY) benchmarks/eht_m87.py --figure docs/eht_m87.png --update docs/benchmarks.md
+	$(PY) benchmarks/calibration.py --problem field --figure docs/calibration_field.png --update docs/benchmarks.md docs/calibration.md
+	$(PY) benchmarks/calibration.py --problem blur --figure docs/calibration_blur.png --update docs/benchmarks.md docs/calibration.md
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -1,7 +1,8 @@
 """Every inference method against posteriors known in closed form.
 
 Prints Markdown tables (one run produces every number) and writes a scatter plot of
-particles against exact posterior samples for the mixture problems.
+particles against exact posterior samples for the mixture problems. The image problems, with
+every band of posterior directions, are in ``benchmarks/calibration.py``.
 
     python benchmarks/exact_posterior.py --figure docs/mixture_particles.png > docs/benchmarks.md
 """
@@ -19,7 +20,8 @@ from ppm_core.metrics import interval_coverage, sliced_wasserstein
 from ppm_core.problems import linear_gaussian_problem, mixture_problem, mode_assignment
 
 RUNS = [
-    ("ppm", {"aux": "residual"}, "ppm, learned residual aux"),
+    ("ppm", {"aux": "residual"}, "ppm, learned residual aux (default)"),
+    ("ppm", {"aux": "residual", "aux_feature": False}, "ppm, residual aux without likelihood feature"),
     ("ppm", {"aux": "kde", "sigma_min": 0.05}, "ppm, kernel-density aux"),
     ("ppm", {"aux": "gaussian"}, "ppm, Gaussian-fit aux (oracle)"),
     ("ppm-sim", {"aux": "residual"}, "ppm-sim (first network only)"),

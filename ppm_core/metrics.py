@@ -69,3 +69,33 @@ def diversity(samples: Tensor) -> float:
     cosines = unit @ unit.T
     n = flat.shape[0]
     return float((1 - cosines).sum() / (n * (n - 1)))
+
+
+def band_spread_ratios(samples: Tensor, posterior_cov: Tensor, bands: int = 8) -> list[float]:
+    """Particle/posterior standard deviation along the posterior's eigenvectors, in bands.
+
+    The eigenvectors of ``posterior_cov`` are sorted from the smallest posterior variance (the
+    directions the data fix) to the largest and split into ``bands`` groups of equal size.
+    Each entry is the median over a group of ``std(samples projected on v) / sqrt(lambda_v)``:
+    1 is calibrated, below 1 collapsed, above 1 over-dispersed. A per-pixel ratio can look
+    right while whole groups of directions are collapsed, which this shows.
+
+    Parameters
+    ----------
+    samples : (n, ...) tensor with ``d`` entries per sample, ``n >= 2``
+    posterior_cov : (d, d) tensor
+    bands : int
+        Number of groups, at most ``d``.
+    """
+    flat = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    d = flat.shape[1]
+    if flat.shape[0] < 2:
+        raise ValueError(f"samples must hold at least 2 samples; got {flat.shape[0]}")
+    if tuple(posterior_cov.shape) != (d, d):
+        raise ValueError(f"posterior_cov must have shape ({d}, {d}) to match the samples; got {tuple(posterior_cov.shape)}")
+    if not 1 <= bands <= d:
+        raise ValueError(f"bands must be in [1, {d}]; got {bands}")
+    eigenvalues, eigenvectors = torch.linalg.eigh(posterior_cov.to(torch.float64))
+    projected = (flat - flat.mean(0)) @ eigenvectors
+    spread = projected.pow(2).sum(0).div(flat.shape[0] - 1).sqrt() / eigenvalues.clamp_min(1e-30).sqrt()
+    return [float(chunk.quantile(0.5)) for chunk in spread.chunk(bands)]

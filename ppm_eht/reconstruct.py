@@ -136,7 +136,8 @@ class VLBIPosterior:
     ``samples`` is ``(n, npix, npix)``, centred on the ring unless the run set ``center=False``.
     ``uncentred`` contains the same samples before that shift. ``chisq`` gives ehtim's reduced
     chi-squares of each uncentred sample for closure phases and log closure amplitudes, and
-    ``features`` the ring of each sample.
+    ``features`` the ring of each sample. ``diagnostics`` holds the inference's end-of-run
+    checks (:attr:`ppm_core.Posterior.diagnostics`), such as the auxiliary's fit per noise band.
     """
 
     samples: np.ndarray
@@ -149,6 +150,7 @@ class VLBIPosterior:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     uncentred: np.ndarray | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
@@ -220,6 +222,7 @@ class VLBIPosterior:
             "pixel_size_uas": self.psize_uas,
             "seconds": self.seconds,
             "peak_memory_mb": self.peak_memory_mb,
+            "diagnostics": self.diagnostics,
         }
 
     def chisq_of(self, array: np.ndarray) -> dict[str, float]:
@@ -363,7 +366,7 @@ def reconstruct_obs(
         "rf_ghz": obs.rf / 1e9,
     }
     return VLBIPosterior(samples, processed, data, chisq, features, parameters, posterior.history,
-                         time.perf_counter() - start, peak_memory_mb(), uncentred)
+                         time.perf_counter() - start, peak_memory_mb(), uncentred, posterior.diagnostics)
 
 
 def reconstruct_uvfits(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..priors.base import Prior
-from .auxiliary import AUX_KINDS, make_auxiliary
+from .auxiliary import AUX_KINDS, LikelihoodFeature, auxiliary_fit, make_auxiliary
 from .baselines import descending_sigmas, dps, gaussian_noise_std, ikl_prior_term, rbf_repulsion, red_diff_prior_term
 from .common import Callback, LogUniformSigma, Posterior, prepare_measurement, weighting
 from .particles import initial_particles, run_particles
@@ -31,6 +31,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "aux_steps": 2,
         "aux_lr": 1e-3,
         "lora_rank": 8,
+        "aux_feature": True,
         "distance": "l2",
         "huber_c": 1.0,
         "weighting": "kl",
@@ -150,9 +151,14 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
             raise ValueError(f"aux must be one of {AUX_KINDS}; got {aux_kind!r}")
         settings["aux"] = aux_kind
         # Seed the auxiliary's weight initialization without touching the caller's global RNG.
+        feature = None
+        if settings["aux_feature"] and aux_kind in ("residual", "lora", "full"):
+            curvature = LikelihoodFeature.estimate_curvature(operator, y, x)
+            feature = LikelihoodFeature(operator, y, curvature)
+            logger.info("likelihood feature: largest nll curvature %.4g", curvature)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            aux = make_auxiliary(aux_kind, prior, tuple(operator.in_shape), proposal, settings["aux_steps"], settings["aux_lr"], settings["lora_rank"])
+            aux = make_auxiliary(aux_kind, prior, tuple(operator.in_shape), proposal, settings["aux_steps"], settings["aux_lr"], settings["lora_rank"], feature=feature)
         aux = aux.to(dtype) if aux_kind in ("residual", "full", "lora") else aux
         if method == "ikl":
             prior_term = ikl_prior_term(prior, aux, proposal, settings["ikl_weight"])
@@ -176,7 +182,12 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
         callback=callback,
         extra_gradient=extra_gradient,
     )
-    return Posterior(samples, history, method, settings)
+    diagnostics = {}
+    if aux is not None and hasattr(aux, "trainable_parameters"):
+        fit = auxiliary_fit(aux, prior, samples, proposal, generator)
+        diagnostics["auxiliary fit"] = fit
+        logger.info("auxiliary fit (denoising error / prior's, per noise band): %s", ", ".join(f"{k}: {v:.3f}" for k, v in fit.items()))
+    return Posterior(samples, history, method, settings, diagnostics)
 
 
 def _is_int(value: Any) -> bool:

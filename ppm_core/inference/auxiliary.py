@@ -8,6 +8,7 @@ which takes a few steps of denoising score matching on fresh noisy copies of the
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 from collections.abc import Iterator
 
@@ -146,8 +147,19 @@ class NetworkAuxiliary(TrainedAuxiliary):
 
     LORA_TARGETS = ("conv0", "conv1", "affine")
 
-    def __init__(self, prior: DiffusionPrior, proposal: LogUniformSigma, mode: str = "lora", steps: int = 1, lr: float = 1e-3, rank: int = 8):
+    def __init__(self, prior: DiffusionPrior, proposal: LogUniformSigma, mode: str = "lora", steps: int = 1, lr: float = 1e-3, rank: int = 8, feature: LikelihoodFeature | None = None, event_shape: tuple[int, int, int] | None = None):
         super().__init__(proposal, steps, lr, prior.sigma_data)
+        self.feature = feature
+        self.head = None
+        if feature is not None:
+            if event_shape is None:
+                raise ValueError("event_shape is needed with a likelihood feature")
+            channels, height, width = event_shape
+            # Zero-initialized, so the auxiliary still equals the prior at the first step.
+            self.head = _ResidualConv(channels, 32, context_channels=2 * channels, feature_channels=channels)
+            nn.init.zeros_(self.head.body[-1].weight)
+            nn.init.zeros_(self.head.body[-1].bias)
+            self.register_buffer("context", torch.zeros(1, 2 * channels, height, width))
         self.model = copy.deepcopy(prior)
         if mode == "full":
             self.model.requires_grad_(True)
@@ -166,35 +178,98 @@ class NetworkAuxiliary(TrainedAuxiliary):
             raise ValueError(f"mode must be 'lora' or 'full'; got {mode!r}")
         self.model.train()
 
+    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+        if self.head is not None:
+            self.context = particle_context(particles).to(self.context.dtype)
+        return super().fit(particles, generator)
+
     def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        return self.model.denoiser(x, sigma)
+        denoised = self.model.denoiser(x, sigma)
+        if self.head is None:
+            return denoised
+        sigma_b = as_sigma(sigma, x)
+        c_in = 1 / (sigma_b**2 + self.sigma_data**2).sqrt()
+        c_out = sigma_b * self.sigma_data * c_in
+        features = self.feature(x, sigma_b.reshape(-1))
+        return denoised + c_out * self.head(c_in * x, sigma_b.log().reshape(-1) / 4, self.context, features)
+
+
+def particle_context(particles: Tensor) -> Tensor:
+    """Per-pixel mean and log standard deviation of the particles, shape ``(1, 2C, H, W)``."""
+    x0 = particles.detach()
+    spread = x0.std(dim=0, keepdim=True) if x0.shape[0] > 1 else torch.ones_like(x0[:1])
+    return torch.cat([x0.mean(dim=0, keepdim=True), spread.clamp_min(1e-6).log()], dim=1)
 
 
 class _ResidualMLP(nn.Module):
-    def __init__(self, dim: int, width: int):
+    def __init__(self, dim: int, width: int, feature_dim: int = 0):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
+        self.body = nn.Sequential(nn.Linear(dim + 1 + feature_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        flat = torch.cat([x.reshape(x.shape[0], -1), c_noise.reshape(-1, 1)], dim=1)
-        return self.body(flat).reshape(x.shape)
+    def forward(self, x: Tensor, c_noise: Tensor, features: Tensor | None = None) -> Tensor:
+        parts = [x.reshape(x.shape[0], -1), c_noise.reshape(-1, 1)] + ([features.reshape(x.shape[0], -1)] if features is not None else [])
+        return self.body(torch.cat(parts, dim=1)).reshape(x.shape)
 
 
 class _ResidualConv(nn.Module):
     """Convolutional residual fed the noisy image, a noise-level map and per-pixel context maps."""
 
-    def __init__(self, channels: int, width: int, context_channels: int):
+    def __init__(self, channels: int, width: int, context_channels: int, feature_channels: int = 0):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels + 1 + context_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels + 1 + context_channels + feature_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, channels, 3, padding=1),
         )  # fmt: skip
 
-    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, context: Tensor, features: Tensor | None = None) -> Tensor:
         noise_map = c_noise.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:])
-        return self.body(torch.cat([x, noise_map, context.expand(x.shape[0], -1, -1, -1)], dim=1))
+        inputs = [x, noise_map, context.expand(x.shape[0], -1, -1, -1)] + ([features] if features is not None else [])
+        return self.body(torch.cat(inputs, dim=1))
+
+
+class LikelihoodFeature:
+    """The likelihood's score at the noisy input, scaled for use as a network input.
+
+    ``phi(x, sigma) = sigma g(x) / (1 + sigma^2 L)`` with ``g = -grad_x nll(x, y)`` and ``L`` the
+    largest curvature of the nll (power iteration on Hessian-vector products). Take a Gaussian
+    prior and a linear operator with ``A A^T = a I``. At noise levels well below the prior's
+    scale, the posterior's denoiser then differs from the prior's by about ``sigma phi``, so the
+    feature is the shape of the correction that the auxiliary has to learn.
+    The gradient stays differentiable in ``x`` when ``x`` requires it, so the particle step sees
+    the feature's dependence on the particles.
+    """
+
+    def __init__(self, operator, y: Tensor, curvature: float):
+        if not curvature > 0:
+            raise ValueError(f"curvature must be positive; got {curvature}")
+        self.operator = operator
+        self.y = y
+        self.curvature = float(curvature)
+
+    @staticmethod
+    def estimate_curvature(operator, y: Tensor, x: Tensor, iterations: int = 30, seed: int = 0) -> float:
+        """Largest eigenvalue of the Hessian of ``nll(., y)`` at ``x`` (one image), by power iteration."""
+        generator = torch.Generator().manual_seed(seed)
+        point = x.detach()[:1].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(operator.nll(point, y).sum(), point, create_graph=True)
+        v = torch.randn(point.shape, generator=generator, dtype=point.dtype).to(point.device)
+        value = 0.0
+        for _ in range(iterations):
+            v = v / v.norm().clamp_min(1e-30)
+            (hv,) = torch.autograd.grad(grad, point, grad_outputs=v, retain_graph=True)
+            value = float((hv * v).sum())
+            v = hv.detach()
+        return abs(value)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma_b = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        with torch.enable_grad():
+            point = x if x.requires_grad else x.detach().requires_grad_(True)
+            nll = self.operator.nll(point, self.y.expand(x.shape[0], *self.y.shape[1:])).sum()
+            (grad,) = torch.autograd.grad(nll, point, create_graph=x.requires_grad)
+        return -sigma_b * grad / (1 + sigma_b**2 * self.curvature)
 
 
 class ResidualAuxiliary(TrainedAuxiliary):
@@ -208,15 +283,17 @@ class ResidualAuxiliary(TrainedAuxiliary):
     particles' per-pixel mean and log standard deviation, refreshed at each :meth:`fit`.
     """
 
-    def __init__(self, prior: Prior, event_shape: tuple[int, int, int], proposal: LogUniformSigma, steps: int = 2, lr: float = 1e-3, width: int | None = None, sigma_data: float = 1.0):
+    def __init__(self, prior: Prior, event_shape: tuple[int, int, int], proposal: LogUniformSigma, steps: int = 2, lr: float = 1e-3, width: int | None = None, sigma_data: float = 1.0, feature: LikelihoodFeature | None = None):
         super().__init__(proposal, steps, lr, sigma_data)
         self.prior = prior
+        self.feature = feature
         channels, height, width_px = event_shape
         self.is_vector = height == 1
+        extra = channels if feature is not None else 0
         if self.is_vector:
-            self.residual = _ResidualMLP(channels * width_px, width or 256)
+            self.residual = _ResidualMLP(channels * width_px, width or 256, feature_dim=extra * width_px)
         else:
-            self.residual = _ResidualConv(channels, width or 32, context_channels=2 * channels)
+            self.residual = _ResidualConv(channels, width or 32, context_channels=2 * channels, feature_channels=extra)
         self.register_buffer("context", torch.zeros(1, 2 * channels, height, width_px))
         last = self.residual.body[-1]
         nn.init.zeros_(last.weight)
@@ -227,9 +304,7 @@ class ResidualAuxiliary(TrainedAuxiliary):
 
     def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
         if not self.is_vector:
-            x0 = particles.detach()
-            spread = x0.std(dim=0, keepdim=True) if x0.shape[0] > 1 else torch.ones_like(x0[:1])
-            self.context = torch.cat([x0.mean(dim=0, keepdim=True), spread.clamp_min(1e-6).log()], dim=1).to(self.context.dtype)
+            self.context = particle_context(particles).to(self.context.dtype)
         return super().fit(particles, generator)
 
     def denoiser(self, x: Tensor, sigma: float | Tensor) -> Tensor:
@@ -241,9 +316,10 @@ class ResidualAuxiliary(TrainedAuxiliary):
         with tracking:
             prior_denoised = self.prior.denoiser(x, sigma)
         c_noise = sigma_b.log().reshape(-1) / 4
+        features = self.feature(x, sigma_b.reshape(-1)) if self.feature is not None else None
         if self.is_vector:
-            return prior_denoised + c_out * self.residual(c_in * x, c_noise)
-        return prior_denoised + c_out * self.residual(c_in * x, c_noise, self.context)
+            return prior_denoised + c_out * self.residual(c_in * x, c_noise, features)
+        return prior_denoised + c_out * self.residual(c_in * x, c_noise, self.context, features)
 
 
 def make_auxiliary(
@@ -255,6 +331,7 @@ def make_auxiliary(
     lr: float,
     lora_rank: int,
     sigma_data: float | None = None,
+    feature: LikelihoodFeature | None = None,
 ) -> Auxiliary:
     """Build the auxiliary named ``kind`` (one of ``AUX_KINDS``)."""
     if kind == "kde":
@@ -264,8 +341,35 @@ def make_auxiliary(
     if kind in ("lora", "full"):
         if not isinstance(prior, DiffusionPrior):
             raise ValueError(f"aux={kind!r} needs a network prior (DiffusionPrior); for {type(prior).__name__} use aux='residual', 'kde' or 'gaussian'")
-        return NetworkAuxiliary(prior, proposal, mode=kind, steps=steps, lr=lr, rank=lora_rank)
+        return NetworkAuxiliary(prior, proposal, mode=kind, steps=steps, lr=lr, rank=lora_rank, feature=feature, event_shape=event_shape)
     if kind == "residual":
         sd = sigma_data if sigma_data is not None else getattr(prior, "sigma_data", 1.0)
-        return ResidualAuxiliary(prior, event_shape, proposal, steps=steps, lr=lr, sigma_data=sd)
+        return ResidualAuxiliary(prior, event_shape, proposal, steps=steps, lr=lr, sigma_data=sd, feature=feature)
     raise ValueError(f"aux must be one of {AUX_KINDS}; got {kind!r}")
+
+
+def auxiliary_fit(aux: Auxiliary, prior: Prior, particles: Tensor, proposal: LogUniformSigma, generator: torch.Generator, bands: int = 4, draws: int = 4) -> dict[str, float]:
+    """How much better than the prior the auxiliary denoises the current particles, per noise band.
+
+    For each of ``bands`` log-spaced bands of ``[sigma_min, sigma_max]``, draws ``draws`` fresh
+    noisy copies of every particle and returns ``E||D_phi - x0||^2 / E||D_p - x0||^2``. Below 1,
+    the auxiliary has learned how the particles differ from the prior at that noise level; 1 means
+    it has learned nothing there, and the particle step then gets no entropy force beyond the
+    prior's. Values well below 1 are expected wherever the particles differ from the prior:
+    at high noise levels through their mean, at noise levels near the posterior's width through
+    their spread.
+    """
+    x0 = particles.detach()
+    edges = torch.logspace(math.log10(proposal.sigma_min), math.log10(proposal.sigma_max), bands + 1, dtype=torch.float64)
+    result: dict[str, float] = {}
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        aux_error = prior_error = 0.0
+        for _ in range(draws):
+            u = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64)
+            sigma = torch.exp(math.log(low) + u * math.log(high / low)).to(x0.dtype).to(x0.device)
+            noisy = x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            with torch.no_grad():
+                aux_error += float((aux.denoiser(noisy, sigma) - x0).pow(2).sum())
+                prior_error += float((prior.denoiser(noisy, sigma) - x0).pow(2).sum())
+        result[f"sigma {low:.3g}-{high:.3g}"] = aux_error / max(prior_error, 1e-300)
+    return result

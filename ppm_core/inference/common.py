@@ -35,12 +35,17 @@ class Posterior:
     method : str
     options : dict
         The settings the run used, defaults included.
+    diagnostics : dict
+        End-of-run checks. For methods with a trained auxiliary score, ``"auxiliary fit"`` maps
+        noise bands to the auxiliary's denoising error on fresh noisy copies of the final samples
+        relative to the prior's (see :func:`~ppm_core.inference.auxiliary.auxiliary_fit`).
     """
 
     samples: Tensor
     history: dict[str, list[float]] = field(default_factory=dict)
     method: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean(self) -> Tensor:
