@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/eht_m87.py --figure docs/eht_m87.png --update docs/benchmarks.md
 	$(PY) benchmarks/calibration.py --problem field --figure docs/calibration_field.png --update docs/benchmarks.md docs/calibration.md
 	$(PY) benchmarks/calibration.py --problem blur --figure docs/calibration_blur.png --update docs/benchmarks.md docs/calibration.md
+	$(PY) benchmarks/calibration.py --problem blur --long --update docs/benchmarks.md docs/calibration.md
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -28,7 +28,7 @@ PARTICLES = 64
 #: (label, method, options, steps or None for the method's default, problems it runs on)
 RUNS = [
     ("ppm (default)", "ppm", {}, None, ("field", "blur")),
-    ("ppm, 3000 steps", "ppm", {}, 3000, ("field",)),
+    ("ppm, 3000 steps", "ppm", {}, 3000, ("field", "blur-long")),
     ("ppm, 4 aux steps per particle step", "ppm", {"aux_steps": 4}, None, ("field",)),
     ("ppm, aux without likelihood feature", "ppm", {"aux_feature": False}, None, ("field", "blur")),
     ("ppm, aux without likelihood feature, 3000 steps", "ppm", {"aux_feature": False}, 3000, ("field",)),
@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--problem", choices=sorted(PROBLEMS), required=True)
     parser.add_argument("--update", type=Path, nargs="+", default=[], help="Markdown pages whose section for this problem to replace")
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the band ratios of every method")
+    parser.add_argument("--long", action="store_true", help="run only the rows too slow for the full table of this problem, in their own section")
     args = parser.parse_args()
+    selection = f"{args.problem}-long" if args.long else args.problem
 
     problem = PROBLEMS[args.problem]()
     exact = problem.posterior
@@ -69,16 +71,16 @@ def main() -> None:
 
     results = []
     for label, method, options, steps, problems in RUNS:
-        if args.problem in problems:
+        if selection in problems:
             results.append((label, method, steps) + measure(problem, method, options, steps))
     # Sampling noise of the statistic itself: 64 independent exact draws.
     floor = band_spread_ratios(problem.exact_samples(PARTICLES, seed=1), exact.cov, BANDS)
 
     page = io.StringIO()
     with redirect_stdout(page):
-        heading = f"## Calibration: {problem.name}"
+        heading = ("## Calibration, longer runs: " if args.long else "## Calibration: ") + problem.name
         print(heading + "\n")
-        print(f"`python benchmarks/calibration.py --problem {args.problem}`: {PARTICLES} particles (or runs), seed 0, the method's default "
+        print(f"`python benchmarks/calibration.py --problem {args.problem}{' --long' if args.long else ''}`: {PARTICLES} particles (or runs), seed 0, the method's default "
               f"iterations unless stated (ppm 1000, red-diff 1000, dps 250); torch {torch.__version__}, "
               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s).")
         print(f"d = {eigenvalues.numel()}. Posterior std per band (mean over its directions): "
