@@ -93,9 +93,13 @@ def band_spread_ratios(samples: Tensor, posterior_cov: Tensor, bands: int = 8) -
         raise ValueError(f"samples must hold at least 2 samples; got {flat.shape[0]}")
     if tuple(posterior_cov.shape) != (d, d):
         raise ValueError(f"posterior_cov must have shape ({d}, {d}) to match the samples; got {tuple(posterior_cov.shape)}")
-    if not 1 <= bands <= d:
-        raise ValueError(f"bands must be in [1, {d}]; got {bands}")
+    if isinstance(bands, bool) or not isinstance(bands, int) or not 1 <= bands <= d:
+        raise ValueError(f"bands must be an integer in [1, {d}]; got {bands!r}")
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("samples contain NaN or infinite values")
     eigenvalues, eigenvectors = torch.linalg.eigh(posterior_cov.to(torch.float64))
+    if float(eigenvalues[0]) < -1e-8 * max(float(eigenvalues[-1]), 1e-300):
+        raise ValueError(f"posterior_cov must be positive semi-definite; its smallest eigenvalue is {float(eigenvalues[0]):.3g}")
     projected = (flat - flat.mean(0)) @ eigenvectors
     spread = projected.pow(2).sum(0).div(flat.shape[0] - 1).sqrt() / eigenvalues.clamp_min(1e-30).sqrt()
-    return [float(chunk.quantile(0.5)) for chunk in spread.chunk(bands)]
+    return [float(group.quantile(0.5)) for group in torch.tensor_split(spread, bands)]

@@ -104,7 +104,7 @@ def gaussian_field_problem(size: int = 16, noise_std: float = 0.05, seed: int = 
 
     The problem of ``ppm-method.md`` §9: spectrum ``(1 + (|k|/2)^2)^-2``, ``d = size^2``, and
     ``size^2 / 4`` measurements. The posterior is much narrower than the prior in the directions
-    the block means fix (std about 0.1 against 1-2) and close to the prior in the others.
+    the block means fix (std about 0.1 against 0.86-2.1) and close to the prior in the others.
     """
     from .operators import Downsampling
 

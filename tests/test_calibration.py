@@ -62,11 +62,42 @@ def test_band_ratios_see_a_collapse_that_pixels_hide(field):
     assert abs(ratios[0] - 0.25) < 0.02 and all(abs(r - 1) < 0.05 for r in ratios[1:])
 
 
-@pytest.mark.parametrize(("bad", "match"), [({"bands": 0}, "bands"), ({"posterior_cov": torch.eye(3)}, "posterior_cov")])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"bands": 0}, "bands"),
+        ({"bands": 2.5}, "bands"),
+        ({"posterior_cov": torch.eye(3)}, "posterior_cov"),
+        ({"posterior_cov": -torch.eye(256, dtype=torch.float64)}, "positive semi-definite"),
+        ({"samples": torch.full((8, 1, 16, 16), float("nan"))}, "NaN"),
+    ],
+)
 def test_band_ratios_reject_bad_input(field, bad, match):
     kwargs = {"samples": field.exact_samples(8), "posterior_cov": field.posterior.cov, "bands": 8} | bad
     with pytest.raises(ValueError, match=match):
         band_spread_ratios(**kwargs)
+
+
+def test_band_ratios_count_when_bands_do_not_divide():
+    samples = torch.randn(50, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for bands in (3, 4, 6, 7, 8):
+        assert len(band_spread_ratios(samples, torch.eye(10, dtype=torch.float64), bands)) == bands
+
+
+@pytest.mark.parametrize(("options", "error"), [({"aux_feature": "yes"}, TypeError), ({"aux": "kde", "aux_feature": True}, ValueError)])
+def test_aux_feature_rejects_bad_settings(field, options, error):
+    with pytest.raises(error, match="aux_feature"):
+        reconstruct(field.y, field.operator, field.prior, n_samples=2, steps=1, **options)
+
+
+def test_likelihood_feature_needs_differentiable_nll(field):
+    class Detached(Downsampling):
+        def nll(self, x, y):
+            return super().nll(x.detach(), y)
+
+    operator = Detached(2, (1, 16, 16), noise_std=0.05)
+    with pytest.raises(ValueError, match="aux_feature=False"):
+        reconstruct(field.y, operator, field.prior, n_samples=2, steps=1)
 
 
 def test_likelihood_feature_is_the_scaled_likelihood_score():

@@ -156,9 +156,13 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
         settings["aux"] = aux_kind
         # Seed the auxiliary's weight initialization without touching the caller's global RNG.
         feature = None
+        if settings["aux_feature"] is not None and not isinstance(settings["aux_feature"], bool):
+            raise TypeError(f"aux_feature must be True, False or None; got {settings['aux_feature']!r}")
         if settings["aux_feature"] is None:
             settings["aux_feature"] = aux_kind == "residual"
-        if settings["aux_feature"] and aux_kind in ("residual", "lora", "full"):
+        if settings["aux_feature"] and aux_kind in ("kde", "gaussian"):
+            raise ValueError(f"aux_feature=True needs a trained auxiliary ('residual', 'lora' or 'full'); aux={aux_kind!r} is computed from the particles alone")
+        if settings["aux_feature"]:
             curvature = LikelihoodFeature.estimate_curvature(operator, y, x)
             feature = LikelihoodFeature(operator, y, curvature)
             logger.info("likelihood feature: largest nll curvature %.4g", curvature)

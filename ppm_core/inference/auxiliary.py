@@ -242,8 +242,8 @@ class LikelihoodFeature:
     """
 
     def __init__(self, operator, y: Tensor, curvature: float):
-        if not curvature > 0:
-            raise ValueError(f"curvature must be positive; got {curvature}")
+        if not 0 < curvature < math.inf:
+            raise ValueError(f"curvature must be positive and finite; got {curvature}")
         self.operator = operator
         self.y = y
         self.curvature = float(curvature)
@@ -253,7 +253,10 @@ class LikelihoodFeature:
         """Largest eigenvalue of the Hessian of ``nll(., y)`` at ``x`` (one image), by power iteration."""
         generator = torch.Generator().manual_seed(seed)
         point = x.detach()[:1].clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(operator.nll(point, y).sum(), point, create_graph=True)
+        try:
+            (grad,) = torch.autograd.grad(operator.nll(point, y).sum(), point, create_graph=True)
+        except RuntimeError as error:
+            raise ValueError(f"the likelihood feature needs an operator.nll that torch can differentiate twice in x ({error}); pass aux_feature=False") from error
         v = torch.randn(point.shape, generator=generator, dtype=point.dtype).to(point.device)
         value = 0.0
         for _ in range(iterations):
