@@ -75,7 +75,8 @@ def band_spread_ratios(samples: Tensor, posterior_cov: Tensor, bands: int = 8) -
     """Particle/posterior standard deviation along the posterior's eigenvectors, in bands.
 
     The eigenvectors of ``posterior_cov`` are sorted from the smallest posterior variance (the
-    directions the data fix) to the largest and split into ``bands`` groups whose sizes differ by at most one.
+    directions the data fix) to the largest, and split into ``bands`` groups whose sizes differ
+    by at most one.
     Each entry is the median over a group of ``std(samples projected on v) / sqrt(lambda_v)``:
     1 is calibrated, below 1 collapsed, above 1 over-dispersed. A per-pixel ratio can look
     right while whole groups of directions are collapsed, which this shows.
