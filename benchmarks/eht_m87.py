@@ -101,8 +101,6 @@ def main() -> int:
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--update", type=Path, default=None, help="Markdown page whose VLBI section to replace")
     parser.add_argument("--workdir", type=Path, default=None, help="keep every run's files here (default: a temporary folder)")
-    parser.add_argument("--datasets", nargs="+", default=None, help="run only these rows' data, e.g. 'M87 2017-04-11' 'synthetic avery model'")
-    parser.add_argument("--heading", default=HEADING, help="section heading to print and replace (a partial rerun goes in its own section)")
     args = parser.parse_args()
     from ppm_napari.metrics import diversity
 
@@ -116,11 +114,6 @@ def main() -> int:
             ppm("simulate", str(model), "--like", str(M87["2017-04-11"]), "--out", str(out), "--total-flux", "0.6",
                 "--gain-error", "0.1", "--phase-error", "--seed", "1")
             datasets[f"synthetic {name}"] = (out, model)
-        if args.datasets is not None:
-            unknown = set(args.datasets) - set(datasets)
-            if unknown:
-                parser.error(f"unknown --datasets {sorted(unknown)}; choose from {sorted(datasets)}")
-            datasets = {name: value for name, value in datasets.items() if name in args.datasets}
         for name, (path, model) in datasets.items():
             truth = truth_image(model, path) if model is not None else None
             for method in args.methods:
@@ -134,11 +127,11 @@ def main() -> int:
 
     page = io.StringIO()
     with contextlib.redirect_stdout(page):
-        table(rows, args.samples, args.heading)
+        table(rows, args.samples)
     if args.update is not None:
         from _page import replace_section
 
-        replace_section(args.update, args.heading, page.getvalue())
+        replace_section(args.update, HEADING, page.getvalue())
     else:
         sys.stdout.write(page.getvalue())
     if args.figure is not None:
@@ -164,8 +157,8 @@ def _ring(summary: dict, method: str) -> tuple[str, str, str, str]:
     return (*parts, str(ring["diameter"]["n_rings"]))
 
 
-def table(rows: dict, samples: int, heading: str = HEADING) -> None:
-    print(f"{heading}: posterior imaging from closure products (`benchmarks/eht_m87.py`)\n")
+def table(rows: dict, samples: int) -> None:
+    print(f"{HEADING}: posterior imaging from closure products (`benchmarks/eht_m87.py`)\n")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads = default; "
           f"{samples} samples per posterior method; {NPIX}x{NPIX} pixels over {FOV:g} uas; shipped ring prior; 2% systematic "
           "noise; closure phases and log closure amplitudes only (plus the total flux from the intra-site baselines).")
