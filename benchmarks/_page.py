@@ -1,4 +1,4 @@
-"""Replace one ``## `` section of a Markdown page with a benchmark's printed output."""
+"""Shared output of the benchmarks: one ``## `` section of a Markdown page, and PNG figures."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def replace_section(page: Path, heading: str, text: str) -> None:
         new = "".join(lines[:start]) + text.rstrip() + "\n" + ("\n" + after if after else "")
     with atomic_path(page) as tmp:
         tmp.write_text(new)
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from ppm_core.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)

@@ -117,8 +117,7 @@ def save_figure(path: Path, title: str, results, floor) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ppm_core.io import atomic_path
+    from _page import save_png
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     bands = range(1, BANDS + 1)
@@ -133,10 +132,7 @@ def save_figure(path: Path, title: str, results, floor) -> None:
     ax.set_ylabel("particle std / exact std")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 import torch
 
 from ppm_core import reconstruct
-from ppm_core.metrics import interval_coverage, sliced_wasserstein
+from ppm_core.metrics import band_spread_ratios, interval_coverage, sliced_wasserstein
 from ppm_core.problems import linear_gaussian_problem, mixture_problem, mode_assignment
 
 RUNS = [
@@ -30,14 +30,6 @@ RUNS = [
     ("rlsd", {}, "rlsd"),
     ("dps", {}, "dps"),
 ]
-
-
-def band_ratios(samples: torch.Tensor, posterior_cov: torch.Tensor, bands: int = 4) -> list[float]:
-    """Median particle/posterior std along the posterior's eigenvectors, in bands from most to least constrained."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(posterior_cov)
-    flat = samples.reshape(samples.shape[0], -1)
-    spread = ((flat - flat.mean(0)) @ eigenvectors).pow(2).mean(0).sqrt() / eigenvalues.sqrt()
-    return [float(chunk.median()) for chunk in spread.chunk(bands)]
 
 
 def evaluate(problem, method, options, n_particles, steps):
@@ -93,7 +85,7 @@ def main() -> None:
         for method, options, label in RUNS:
             posterior, row = evaluate(problem, method, options, args.particles, args.steps)
             if problem is gaussian:
-                band_rows.append((label, dict(zip(["band 1 (most constrained)", "band 2", "band 3", "band 4 (least)"], band_ratios(posterior.samples, problem.posterior.cov)))))
+                band_rows.append((label, dict(zip(["band 1 (most constrained)", "band 2", "band 3", "band 4 (least)"], band_spread_ratios(posterior.samples, problem.posterior.cov, 4)))))
             else:
                 labels = mode_assignment(posterior.samples, problem.posterior)
                 row["share of mode 2"] = float((labels == 1).double().mean())
@@ -121,8 +113,7 @@ def save_scatter(path, mixtures, scatter):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ppm_core.io import atomic_path
+    from _page import save_png
 
     labels = [label for _, _, label in RUNS]
     fig, axes = plt.subplots(len(mixtures), len(labels), figsize=(2.2 * len(labels), 2.3 * len(mixtures)), sharex=True, sharey=True)
@@ -139,10 +130,7 @@ def save_scatter(path, mixtures, scatter):
                 ax.set_ylabel(problem.name, fontsize=7)
             ax.tick_params(labelsize=6)
     axes[0, 0].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,6 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
         if aux_kind not in AUX_KINDS:
             raise ValueError(f"aux must be one of {AUX_KINDS}; got {aux_kind!r}")
         settings["aux"] = aux_kind
-        # Seed the auxiliary's weight initialization without touching the caller's global RNG.
         feature = None
         if settings["aux_feature"] is not None and not isinstance(settings["aux_feature"], bool):
             raise TypeError(f"aux_feature must be True, False or None; got {settings['aux_feature']!r}")
@@ -166,6 +165,7 @@ def _run(y: Tensor, operator, prior: Prior, method: str, n_samples: int, seed: i
             curvature = LikelihoodFeature.estimate_curvature(operator, y, x)
             feature = LikelihoodFeature(operator, y, curvature)
             logger.info("likelihood feature: largest nll curvature %.4g", curvature)
+        # Seed the auxiliary's weight initialization without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             aux = make_auxiliary(aux_kind, prior, tuple(operator.in_shape), proposal, settings["aux_steps"], settings["aux_lr"], settings["lora_rank"], feature=feature)

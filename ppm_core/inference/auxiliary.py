@@ -8,8 +8,8 @@ which takes a few steps of denoising score matching on fresh noisy copies of the
 from __future__ import annotations
 
 import contextlib
-import math
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -237,8 +237,8 @@ class LikelihoodFeature:
     prior and a linear operator with ``A A^T = a I``. At noise levels well below the prior's
     scale, the posterior's denoiser then differs from the prior's by about ``sigma phi``, so the
     feature is the shape of the correction that the auxiliary has to learn.
-    The gradient stays differentiable in ``x`` when ``x`` requires it, so the particle step sees
-    the feature's dependence on the particles.
+    The gradient stays differentiable in ``x`` when ``x`` requires it, so the particle step's
+    gradient includes the feature's dependence on the particles.
     """
 
     def __init__(self, operator, y: Tensor, curvature: float):
@@ -352,7 +352,7 @@ def make_auxiliary(
 
 
 def auxiliary_fit(aux: Auxiliary, prior: Prior, particles: Tensor, proposal: LogUniformSigma, generator: torch.Generator, bands: int = 4, draws: int = 4) -> dict[str, float]:
-    """How much better than the prior the auxiliary denoises the current particles, per noise band.
+    """Compare the auxiliary's denoising error on the current particles with the prior's, per noise band.
 
     For each of ``bands`` log-spaced bands of ``[sigma_min, sigma_max]``, draws ``draws`` fresh
     noisy copies of every particle and returns ``E||D_phi - x0||^2 / E||D_p - x0||^2``. Below 1,
