@@ -202,6 +202,83 @@ def _run_sample_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_amortized(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-amortized",
+        help="train an amortized generator on measurements (no ground truth) for one-pass posterior samples",
+        description="Train a generator x = f(y, z), initialized from the prior's denoiser, with the PPM loss on a set of "
+                    "measurements from one forward model. Runs under `torchrun --nproc_per_node=K` for data-parallel "
+                    "training. The model folder then goes to `ppm micro reconstruct --amortized` or `ppm eht reconstruct --amortized`.",
+    )
+    commands = p.add_subparsers(dest="amortized_command", required=True, metavar="TASK")
+    from ppm_napari.cli import add_train_amortized as add_micro
+
+    add_micro(commands, add_training_arguments)
+    from ppm_eht.cli import add_train_amortized as add_eht
+
+    add_eht(commands, add_training_arguments)
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every ``train-amortized`` task."""
+    from .training.amortized import AmortizedConfig
+
+    d = AmortizedConfig()
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (config.json, generator.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    p.add_argument("--prior", type=Path, default=None, help="prior folder (default: the task's shipped prior)")
+    p.add_argument("--steps", type=int, default=d.steps, help="generator steps in total (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="measurements per step over all processes (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the generator (default: %(default)s)")
+    p.add_argument("--aux-condition", choices=["measurement", "none"], default=d.aux_condition,
+                   help="measurement: the auxiliary score sees y and the loss is the exact per-measurement KL; none: the "
+                        "paper's marginal form, which gives too narrow samples (default: %(default)s)")
+    p.add_argument("--objective", choices=["ppm", "ikl"], default=d.objective,
+                   help="ppm: exact gradient; ikl: DAVI's integral-KL gradient, a biased baseline (default: %(default)s)")
+    p.add_argument("--aux-steps", type=int, default=d.aux_steps, help="auxiliary steps per generator step (default: %(default)s)")
+    p.add_argument("--aux-lr", type=float, default=d.aux_lr, help="learning rate of the auxiliary (default: %(default)s)")
+    p.add_argument("--generator-sigma", type=float, default=d.generator_sigma,
+                   help="noise level at which the generator applies the copied denoiser (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def amortized_config(args: argparse.Namespace):
+    """Build and check the training settings and the output folder from the parsed options."""
+    from .training.amortized import AmortizedConfig
+
+    config = AmortizedConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_condition=args.aux_condition,
+                             objective=args.objective, aux_steps=args.aux_steps, aux_lr=args.aux_lr,
+                             generator_sigma=args.generator_sigma, checkpoint_every=args.checkpoint_every,
+                             log_every=args.log_every, seed=args.seed)
+    config.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    _check_output_folder(args.out, "--out")
+    if not args.resume and (args.out / "config.json").exists():
+        raise ValueError(f"--out {args.out} already contains a model; pass --resume to continue training it, or choose another folder")
+    args.device = _resolve_device(args.device)
+    return config
+
+
+def run_training(args: argparse.Namespace, config, train) -> int:
+    """Run ``train(callback)`` with a tqdm bar on rank 0."""
+    from tqdm import tqdm
+
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with tqdm(total=config.steps, desc="train-amortized", disable=not is_main or None, unit="step") as bar:
+
+        def report(state: dict) -> None:
+            bar.n = state["step"]
+            bar.set_postfix(loss=f"{state['loss']:.4g}", data=f"{state['data term']:.4g}", refresh=False)
+            bar.update(0)
+
+        train(report)
+    if is_main:
+        logger.info("amortized model written to %s", args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppm", description="Bayesian image reconstruction with diffusion priors (Principled Posterior Matching).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -209,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_prior(subparsers)
     _add_sample_prior(subparsers)
+    _add_train_amortized(subparsers)
     from ppm_napari.cli import add_parser as add_micro_parser
 
     add_micro_parser(subparsers)

@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--summary-json", type=Path, default=None, help="write chi-squares and ring features as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write the summary figure (PNG)")
+    p.add_argument("--amortized", type=Path, default=None, metavar="MODEL",
+                   help="draw the samples in one pass each with an amortized model (ppm train-amortized eht) trained on this "
+                        "observation's coverage; its grid and systematic noise are used, and --method/--steps/--prior do not apply")
     p.set_defaults(func=run_reconstruct)
 
     p = commands.add_parser(
@@ -130,7 +133,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from ppm_core.priors.network import read_config
 
     from .data import load_uvfits
-    from .io import write_posterior_fits
     from .reconstruct import DEFAULT_PRIOR, check_grid, prior_pixel_size, reconstruct_obs
 
     if not args.out.name.lower().endswith((".fits", ".fit", ".fts")):
@@ -141,6 +143,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     _check_grid_args(args)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1; got {args.samples}")
+    if args.amortized is not None:
+        return _run_amortized(args)
     prior_path = args.prior or DEFAULT_PRIOR
     prior_pixel = prior_pixel_size(read_config(prior_path))
     check_grid(args.npix, args.fov, prior_pixel)
@@ -161,6 +165,31 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                                     steps=args.steps, seed=args.seed, total_flux=args.total_flux,
                                     systematic_noise=args.systematic_noise, prior_pixel_uas=prior_pixel, callback=report)
     posterior.parameters |= {"input": str(args.uvfits), "prior": str(prior_path)}
+    _write_outputs(args, posterior, obs, args.method)
+    return 0
+
+
+def _run_amortized(args: argparse.Namespace) -> int:
+    from .amortized import reconstruct_amortized
+    from .data import load_uvfits
+
+    ignored = [name for name, value, default in (("--method", args.method, "ppm"), ("--steps", args.steps, None), ("--prior", args.prior, None),
+                                                   ("--npix", args.npix, 64), ("--fov", args.fov, 160.0),
+                                                   ("--systematic-noise", args.systematic_noise, 0.02)) if value != default]
+    if ignored:
+        logger.warning("with --amortized the model's own settings are used; ignoring %s", ", ".join(ignored))
+    obs = load_uvfits(args.uvfits)
+    posterior = reconstruct_amortized(obs, args.amortized, n_samples=args.samples, seed=args.seed, total_flux=args.total_flux)
+    posterior.parameters |= {"input": str(args.uvfits)}
+    logger.info("%d samples in %.2f s with the amortized model %s", args.samples, posterior.seconds, args.amortized)
+    _write_outputs(args, posterior, obs, "ppm-amortized")
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, posterior, obs, method: str) -> None:
+    """Write the FITS file, log the summary, and write the optional JSON and PNG."""
+    from .io import write_posterior_fits
+
     write_posterior_fits(args.out, posterior)
     logger.info("wrote %s", args.out)
     summary = posterior.summary()
@@ -176,9 +205,55 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from .plot import summary_figure
 
-        summary_figure(posterior, args.plot, title=f"{obs.source} MJD {int(obs.mjd)}: {args.method}, {args.samples} samples")
+        summary_figure(posterior, args.plot, title=f"{obs.source} MJD {int(obs.mjd)}: {method}, {args.samples} samples")
         logger.info("wrote %s", args.plot)
-    return 0
+
+
+def add_train_amortized(commands: argparse._SubParsersAction, add_training_arguments) -> None:
+    """Add ``train-amortized eht``."""
+    from ppm_core.training.data import SYNTHETIC_GENERATORS
+
+    p = commands.add_parser(
+        "eht",
+        help="train on simulated observations with the (u, v) coverage and closure sigmas of a uvfits file",
+        description="Simulate many observations of synthetic sources with the coverage and closure uncertainties of a uvfits "
+                    "file and train an amortized generator on their closure products (no images are used in training). "
+                    "`ppm eht reconstruct OBS --amortized MODEL` then draws samples for observations with that coverage.",
+    )
+    p.add_argument("uvfits", type=Path, help="observation whose coverage and closure sigmas to use (uvfits)")
+    p.add_argument("--observations", type=int, default=512, help="simulated observations in the training set (default: %(default)s)")
+    p.add_argument("--images", choices=sorted(SYNTHETIC_GENERATORS), default="rings",
+                   help="synthetic generator of the simulated sources (default: %(default)s)")
+    p.add_argument("--npix", type=int, default=64, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--fov", type=float, default=160.0, help="field of view in microarcseconds (default: %(default)s)")
+    p.add_argument("--total-flux", type=float, default=None, help="total flux in Jy (default: from the intra-site baselines)")
+    p.add_argument("--systematic-noise", type=float, default=0.02, help="fractional systematic noise (default: %(default)s)")
+    add_training_arguments(p)
+    p.set_defaults(func=run_train_amortized)
+
+
+def run_train_amortized(args: argparse.Namespace) -> int:
+    from ppm_core.cli import amortized_config, run_training
+    from ppm_core.priors import load_prior
+    from ppm_core.priors.network import read_config
+
+    from .amortized import train_on_coverage
+    from .data import load_uvfits
+    from .reconstruct import DEFAULT_PRIOR, check_grid, prior_pixel_size
+
+    _check_grid_args(args)
+    if args.observations < 1:
+        raise ValueError(f"--observations must be >= 1; got {args.observations}")
+    prior_path = args.prior or DEFAULT_PRIOR
+    prior_pixel = prior_pixel_size(read_config(prior_path))
+    check_grid(args.npix, args.fov, prior_pixel)
+    config = amortized_config(args)
+    prior = load_prior(prior_path)
+    obs = load_uvfits(args.uvfits)
+    return run_training(args, config, lambda callback: train_on_coverage(
+        obs, prior, args.out, args.observations, args.images, args.npix, args.fov, args.total_flux, args.systematic_noise,
+        config, resume=args.resume, callback=callback, seed=args.seed, device=args.device,
+        description={"uvfits": str(args.uvfits), "prior_folder": str(prior_path)}))
 
 
 def run_rml(args: argparse.Namespace) -> int:

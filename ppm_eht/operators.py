@@ -113,13 +113,30 @@ class ClosureOperator(Operator):
     # -------------------------------------------------------------------------------------------
     # Chi-squares (ehtim's reduced definitions) and the likelihood
 
-    def chisq(self, x: Tensor, dtype: str) -> Tensor:
-        """Reduced chi-square of each image for ``dtype`` in ``vis, amp, cphase, logcamp``, ``(batch,)``."""
+    def observed_closures(self, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Closure phases and log closure amplitudes to compare ``x`` with: the data's own, or those in ``y``.
+
+        ``y`` is shaped like :meth:`measurement`, with a batch of one or of ``x``'s length; it lets
+        one (u, v) coverage and its uncertainties serve many measurements (amortized training).
+        """
+        if y is None:
+            return self.cphase_obs.to(x.dtype)[None], self.logcamp_obs.to(x.dtype)[None]
+        flat = y.reshape(y.shape[0], -1).to(x.dtype)
+        n_cp = len(self.cphase_obs)
+        if flat.shape[1] != n_cp + len(self.logcamp_obs) or flat.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"y must have shape (1 or {x.shape[0]}, {', '.join(map(str, self.out_shape))}); got {tuple(y.shape)}")
+        return flat[:, :n_cp], flat[:, n_cp:]
+
+    def chisq(self, x: Tensor, dtype: str, y: Tensor | None = None) -> Tensor:
+        """Reduced chi-square of each image for ``dtype`` in ``vis, amp, cphase, logcamp``, ``(batch,)``.
+
+        ``y`` (closure products shaped like :meth:`measurement`) replaces the observed closures.
+        """
         if dtype == "cphase":
-            diff = self.cphase_obs.to(x.dtype) - self.closure_phases(x)
+            diff = self.observed_closures(y, x)[0] - self.closure_phases(x)
             return (2.0 / diff.shape[1]) * ((1 - torch.cos(diff)) / self.cphase_sigma.to(x.dtype) ** 2).sum(1)
         if dtype == "logcamp":
-            diff = self.logcamp_obs.to(x.dtype) - self.log_closure_amplitudes(x)
+            diff = self.observed_closures(y, x)[1] - self.log_closure_amplitudes(x)
             return ((diff / self.logcamp_sigma.to(x.dtype)) ** 2).sum(1) / diff.shape[1]
         re, im = self.visibilities(x)
         re, im = re[:, self.vis_index], im[:, self.vis_index]
@@ -132,16 +149,18 @@ class ClosureOperator(Operator):
         raise ValueError(f"dtype must be one of vis, amp, cphase, logcamp; got {dtype!r}")
 
     def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Negative log-likelihood of each image, ``(batch,)``; the data are the operator's own.
+        """Negative log-likelihood of each image, ``(batch,)``.
 
-        ``y`` is accepted for the operator contract and must equal :meth:`measurement` when given.
+        Without ``y`` the closure products are the operator's own data; a ``y`` shaped like
+        :meth:`measurement` (batch of one or of ``x``'s length) replaces them, with the data's
+        uncertainties. The flux, visibility and amplitude terms always use the operator's data.
         """
         self.check_input(x)
         total = x.new_zeros(x.shape[0])
         if "cphase" in self.terms and len(self.data.cphase):
-            total = total + 0.5 * len(self.data.cphase) * self.chisq(x, "cphase")
+            total = total + 0.5 * len(self.data.cphase) * self.chisq(x, "cphase", y)
         if "logcamp" in self.terms and len(self.data.logcamp):
-            total = total + 0.5 * len(self.data.logcamp) * self.chisq(x, "logcamp")
+            total = total + 0.5 * len(self.data.logcamp) * self.chisq(x, "logcamp", y)
         if "vis" in self.terms:
             total = total + len(self.data.vis) * self.chisq(x, "vis")
         if "amp" in self.terms:

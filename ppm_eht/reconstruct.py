@@ -120,13 +120,13 @@ class FluxNormalizedClosure(Operator):
         return self.closure.measurement()
 
     def nll(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """Closure negative log-likelihood of each image, ``(batch,)``; ``y`` is the data's own."""
+        """Closure negative log-likelihood of each image, ``(batch,)``; ``y`` as in :meth:`ClosureOperator.nll`."""
         self.check_input(z)
-        return self.closure.nll(self.to_jy(z))
+        return self.closure.nll(self.to_jy(z), y)
 
     def dps_residual(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         """Noise-weighted residual norm ``sqrt(2 nll)`` that DPS descends instead of ``||y - A(x)||``."""
-        return torch.sqrt(2 * self.nll(z).clamp_min(0) + 1e-12)
+        return torch.sqrt(2 * self.nll(z, y).clamp_min(0) + 1e-12)
 
 
 @dataclass
@@ -301,6 +301,75 @@ def reconstruct_obs(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}")
+    problem = closure_problem(obs, prior, npix, fov_uas, total_flux, systematic_noise, scan_average, prior_pixel_uas)
+    operator, data = problem.operator, problem.data
+
+    settings = dict(EHT_DEFAULTS[method])
+    settings.update(options)
+    if steps is not None:
+        settings["steps"] = steps
+    steps = settings.pop("steps")
+    logger.info("%s: %d closure phases, %d log closure amplitudes, total flux %.3g Jy (%s)",
+                obs.source, len(data.cphase), len(data.logcamp), problem.total_flux, problem.flux_source)
+    posterior = reconstruct(operator.measurement(), operator, prior, method=method, n_samples=n_samples, steps=steps,
+                            seed=seed, callback=callback, **settings)
+    parameters = {
+        "method": method,
+        "n_samples": n_samples,
+        "steps": steps,
+        "seed": seed,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+    }
+    return problem.posterior(posterior.samples, parameters, center, time.perf_counter() - start, posterior.history, posterior.diagnostics)
+
+
+@dataclass
+class ClosureProblem:
+    """The closure likelihood of one observation on one image grid, in the prior's space."""
+
+    operator: FluxNormalizedClosure
+    closure: ClosureOperator
+    data: ClosureData
+    processed: Any  # the preprocessed ehtim Obsdata
+    total_flux: float
+    flux_source: str
+    settings: dict[str, Any]
+
+    def posterior(self, z_samples: Tensor, parameters: dict[str, Any], center: bool = True, seconds: float = 0.0,
+                  history: dict | None = None, diagnostics: dict | None = None) -> VLBIPosterior:
+        """Map prior-space samples to Jy, compute their chi-squares and ring features, and centre them."""
+        data, closure = self.data, self.closure
+        with torch.no_grad():
+            x = self.operator.to_jy(z_samples.double())
+            # Chi-squares of the samples themselves, before the (sub-pixel, periodic) centring shift.
+            chisq = {dtype: closure.chisq(x, dtype).numpy() for dtype, count in (("cphase", len(data.cphase)), ("logcamp", len(data.logcamp)))
+                     if count}
+            samples = x[:, 0].numpy()
+        psize_uas = data.psize / UAS
+        uncentred = samples
+        if center:
+            samples = np.stack([center_image(sample, psize_uas) for sample in samples])
+        features = [find_ring(sample, psize_uas) for sample in samples]
+        if sum(f is None for f in features):
+            logger.warning("%d of %d samples have no ring (REx peak radii spread by more than 30%%); they are left out of the ring "
+                           "statistics", sum(f is None for f in features), len(features))
+        obs = self.processed
+        parameters = dict(parameters) | self.settings | {
+            "centered": center,
+            "likelihood": "closure phases + log closure amplitudes (ehtim minimal sets, debiased)",
+            "n_cphase": len(data.cphase),
+            "n_logcamp": len(data.logcamp),
+            "source": obs.source,
+            "mjd": int(obs.mjd),
+            "rf_ghz": obs.rf / 1e9,
+        }
+        return VLBIPosterior(samples, obs, data, chisq, features, parameters, dict(history or {}), seconds, peak_memory_mb(),
+                             uncentred, dict(diagnostics or {}))
+
+
+def closure_problem(obs, prior: Prior, npix: int = 64, fov_uas: float = 160.0, total_flux: float | None = None,
+                    systematic_noise: float = 0.02, scan_average: bool = True, prior_pixel_uas: float | None = None) -> ClosureProblem:
+    """Check the grid and the prior, preprocess ``obs`` and build its closure likelihood (see :func:`reconstruct_uvfits`)."""
     check_grid(npix, fov_uas, prior_pixel_uas)
     channels = getattr(prior, "in_channels", 1)
     if channels != 1:
@@ -321,52 +390,9 @@ def reconstruct_obs(
             "fixed normalization (such as --synthetic rings), because the image's brightness range is unknown before imaging"
         )
     operator = FluxNormalizedClosure(closure, normalization["offset"], normalization["scale"], total_flux)
-
-    settings = dict(EHT_DEFAULTS[method])
-    settings.update(options)
-    if steps is not None:
-        settings["steps"] = steps
-    steps = settings.pop("steps")
-    logger.info("%s: %d closure phases, %d log closure amplitudes, total flux %.3g Jy (%s)",
-                obs.source, len(data.cphase), len(data.logcamp), total_flux, flux_source)
-    posterior = reconstruct(operator.measurement(), operator, prior, method=method, n_samples=n_samples, steps=steps,
-                            seed=seed, callback=callback, **settings)
-    with torch.no_grad():
-        x = operator.to_jy(posterior.samples.double())
-        # Chi-squares of the samples themselves, before the (sub-pixel, periodic) centring shift.
-        chisq = {dtype: closure.chisq(x, dtype).numpy() for dtype, count in (("cphase", len(data.cphase)), ("logcamp", len(data.logcamp)))
-                 if count}
-        samples = x[:, 0].numpy()
-    psize_uas = data.psize / UAS
-    uncentred = samples
-    if center:
-        samples = np.stack([center_image(sample, psize_uas) for sample in samples])
-    features = [find_ring(sample, psize_uas) for sample in samples]
-    if sum(f is None for f in features):
-        logger.warning("%d of %d samples have no ring (REx peak radii spread by more than 30%%); they are left out of the ring "
-                       "statistics", sum(f is None for f in features), len(features))
-    parameters = {
-        "method": method,
-        "n_samples": n_samples,
-        "steps": steps,
-        "seed": seed,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-        "npix": npix,
-        "fov_uas": fov_uas,
-        "total_flux_jy": total_flux,
-        "total_flux_source": flux_source,
-        "systematic_noise": systematic_noise,
-        "scan_average": scan_average,
-        "centered": center,
-        "likelihood": "closure phases + log closure amplitudes (ehtim minimal sets, debiased)",
-        "n_cphase": len(data.cphase),
-        "n_logcamp": len(data.logcamp),
-        "source": obs.source,
-        "mjd": int(obs.mjd),
-        "rf_ghz": obs.rf / 1e9,
-    }
-    return VLBIPosterior(samples, processed, data, chisq, features, parameters, posterior.history,
-                         time.perf_counter() - start, peak_memory_mb(), uncentred, posterior.diagnostics)
+    settings = {"npix": npix, "fov_uas": fov_uas, "total_flux_jy": total_flux, "total_flux_source": flux_source,
+                "systematic_noise": systematic_noise, "scan_average": scan_average}
+    return ClosureProblem(operator, closure, data, processed, float(total_flux), flux_source, settings)
 
 
 def reconstruct_uvfits(

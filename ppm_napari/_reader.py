@@ -52,13 +52,16 @@ def result_layers(result: dict, name: str, scale: tuple[float, float] | None = N
         pixel = result.get("pixel_size_nm")
         scale = (pixel / 1e3, pixel / 1e3) if pixel else (1.0, 1.0)
     parameters = result.get("parameters", {})
-    common = {"scale": scale, "translate": translate}
+    # A time series has a leading time axis on every array (samples: time, sample, y, x).
+    extra = np.ndim(result["mean"]) - 2
+    common = {"scale": (1.0,) * extra + tuple(scale), "translate": (0.0,) * extra + tuple(translate)}
     std = np.asarray(result["std"])
     high = float(np.percentile(std, 99.5)) if std.size and np.any(std > 0) else 1.0
     return [
         (result["mean"], common | {"name": f"{name} mean", "metadata": {"ppm_role": "mean", "ppm_source": name, "parameters": parameters}}, "image"),
         (std, common | {"name": f"{name} std", "colormap": "inferno", "contrast_limits": (0.0, max(high, 1e-12)),
                         "blending": "additive", "metadata": {"ppm_role": "std", "ppm_source": name, "parameters": parameters}}, "image"),
-        (result["samples"], {"scale": (1.0, *scale), "translate": (0.0, *translate), "name": f"{name} samples",
+        (result["samples"], {"scale": (1.0,) * (extra + 1) + tuple(scale), "translate": (0.0,) * (extra + 1) + tuple(translate),
+                             "name": f"{name} samples",
                              "metadata": {"ppm_role": "samples", "ppm_source": name, "parameters": parameters}}, "image"),
     ]

@@ -30,6 +30,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("widefield", type=Path, help="widefield TIFF (2-D, or a stack of frames to average)")
     p.add_argument("--out", type=Path, required=True, help="output OME-TIFF (.ome.tif)")
+    _add_optics_arguments(p)
+    p.add_argument("--method", choices=METHODS, default="ppm", help="reconstruction method (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=8, help="posterior samples (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="iterations (default: the method's microscopy default)")
+    p.add_argument("--prior", type=Path, default=None, help="prior folder (default: the shipped filament prior)")
+    _add_noise_arguments(p)
+    p.add_argument("--frames-averaged", type=int, default=None,
+                   help="number of frames averaged into the image, which divides the given noise variance "
+                        "(default: the stack length for stacks, else 1)")
+    p.add_argument("--tile-size", type=int, default=None, help="tile side in camera pixels; bounds peak memory (default: whole image)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in camera pixels (default: max(16, PSF diameter))")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--truth", type=Path, default=None, help="ground-truth TIFF on the super-resolved grid, for --metrics-json")
+    p.add_argument("--metrics-json", type=Path, default=None, help="write PSNR, SSIM, coverage and diversity against --truth")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--amortized", type=Path, default=None, metavar="MODEL",
+                   help="draw the samples in one pass per tile with an amortized model (ppm train-amortized micro); the model's "
+                        "PSF, scale, tile size, intensity map and noise model are used, so PSF, noise and --method options do not apply")
+    p.add_argument("--each-frame", action="store_true",
+                   help="with --amortized: reconstruct every frame of a stack and write a time series (axes TCYX) "
+                        "instead of averaging the frames")
+    p.set_defaults(func=run_reconstruct)
+
+
+def _add_optics_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=2, help="super-resolution factor (default: %(default)s)")
     p.add_argument("--pixel-size", type=float, default=None,
                    help="camera pixel size in nm; read from OME/ImageJ metadata when present")
@@ -40,26 +65,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     psf.add_argument("--psf-pixel-size", type=float, default=None, help="pixel size of --psf in nm, when not in its metadata")
     psf.add_argument("--otf", type=Path, help="radially averaged OTF file (*_OTF2d.mrc)")
     psf.add_argument("--gaussian-fwhm", type=float, help="Gaussian PSF with this FWHM in nm")
-    p.add_argument("--method", choices=METHODS, default="ppm", help="reconstruction method (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=8, help="posterior samples (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="iterations (default: the method's microscopy default)")
-    p.add_argument("--prior", type=Path, default=None, help="prior folder (default: the shipped filament prior)")
+
+
+def _add_noise_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", choices=["estimate", "gaussian", "poisson-gaussian"], default="estimate",
                    help="noise model: estimated from the image, or given by --noise-std / --gain --offset --read-noise (default: %(default)s)")
     p.add_argument("--noise-std", type=float, help="Gaussian noise std in ADU (--noise gaussian)")
     p.add_argument("--gain", type=float, help="camera gain in ADU per photon (--noise poisson-gaussian)")
     p.add_argument("--offset", type=float, default=0.0, help="camera offset in ADU (--noise poisson-gaussian)")
     p.add_argument("--read-noise", type=float, default=0.0, help="read noise std in ADU (--noise poisson-gaussian)")
-    p.add_argument("--frames-averaged", type=int, default=None,
-                   help="number of frames averaged into the image, which divides the given noise variance "
-                        "(default: the stack length for stacks, else 1)")
-    p.add_argument("--tile-size", type=int, default=None, help="tile side in camera pixels; bounds peak memory (default: whole image)")
-    p.add_argument("--tile-overlap", type=int, default=None, help="tile overlap in camera pixels (default: max(16, PSF diameter))")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--truth", type=Path, default=None, help="ground-truth TIFF on the super-resolved grid, for --metrics-json")
-    p.add_argument("--metrics-json", type=Path, default=None, help="write PSNR, SSIM, coverage and diversity against --truth")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.set_defaults(func=run_reconstruct)
+
+
+def add_train_amortized(commands: argparse._SubParsersAction, add_training_arguments) -> None:
+    """Add ``train-amortized micro``."""
+    p = commands.add_parser(
+        "micro",
+        help="train on the tiles of a widefield stack (time-lapse or any frames with one PSF and camera)",
+        description="Cut every frame of a widefield TIFF stack into overlapping tiles and train an amortized super-resolution "
+                    "generator on them (no ground truth). `ppm micro reconstruct FRAMES.tif --amortized MODEL` then "
+                    "reconstructs frames of that acquisition in one pass per tile.",
+    )
+    p.add_argument("frames", type=Path, help="widefield TIFF: a 2-D image or a stack of frames (each frame is used)")
+    _add_optics_arguments(p)
+    _add_noise_arguments(p)
+    p.add_argument("--tile-size", type=int, default=32, help="tile side in camera pixels (default: %(default)s)")
+    p.add_argument("--tile-overlap", type=int, default=16, help="overlap of the training tiles in camera pixels (default: %(default)s)")
+    add_training_arguments(p)
+    p.set_defaults(func=run_train_amortized)
+
+
+def run_train_amortized(args: argparse.Namespace) -> int:
+    from ppm_core.cli import amortized_config, run_training
+    from ppm_core.priors import load_prior
+
+    from .amortized import train_on_stack
+    from .io import read_widefield, resolve_pixel_size
+
+    if args.scale < 1:
+        raise ValueError(f"--scale must be a positive integer; got {args.scale}")
+    config = amortized_config(args)
+    frames, _ = read_widefield(args.frames, frames="all")
+    pixel_size = resolve_pixel_size(args.frames, args.pixel_size)
+    fine_pixel = pixel_size / args.scale
+    psf, psf_info = _psf_from_args(args, fine_pixel)
+    noise = _noise_from_args(args, 1)
+    prior_path = args.prior or DEFAULT_PRIOR
+    prior = load_prior(prior_path, device=args.device)
+    description = {"input": str(args.frames), "input_pixel_size_nm": pixel_size, "pixel_size_nm": fine_pixel, "psf_source": psf_info,
+                   "prior_folder": str(prior_path)}
+    return run_training(args, config, lambda callback: train_on_stack(
+        frames, psf, prior, args.out, args.scale, args.tile_size, args.tile_overlap, noise, config, resume=args.resume,
+        callback=callback, device=args.device, description=description))
 
 
 def _psf_from_args(args: argparse.Namespace, fine_pixel: float):
@@ -147,6 +203,10 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 1; got {args.samples}")
     if args.method not in DETERMINISTIC_METHODS and args.samples < 2:
         logger.warning("--samples 1 gives no per-pixel uncertainty (std is zero)")
+    if args.each_frame and args.amortized is None:
+        raise ValueError("--each-frame needs --amortized MODEL; particle methods reconstruct one (averaged) image")
+    if args.amortized is not None:
+        return _run_amortized(args)
     import tifffile
 
     widefield, n_frames = read_widefield(args.widefield)
@@ -216,4 +276,61 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
             with atomic_path(args.metrics_json) as tmp:
                 tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
+def _run_amortized(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ppm_core import __version__
+    from ppm_core.cli import _resolve_device
+
+    from .amortized import apply_to_frames, load_model
+    from .io import read_widefield, resolve_pixel_size, write_result
+
+    ignored = [name for name, value in (("--na", args.na), ("--psf", args.psf), ("--otf", args.otf), ("--gaussian-fwhm", args.gaussian_fwhm),
+                                        ("--steps", args.steps), ("--prior", args.prior), ("--tile-size", args.tile_size)) if value is not None]
+    if args.method != "ppm" or args.noise != "estimate":
+        ignored += ["--method"] * (args.method != "ppm") + ["--noise"] * (args.noise != "estimate")
+    if ignored:
+        logger.warning("with --amortized the model's own settings are used; ignoring %s", ", ".join(ignored))
+    if args.truth is not None:
+        raise ValueError("--truth/--metrics-json are not available with --amortized; score the written mean with ppm_napari.metrics")
+    model = load_model(args.amortized, device=_resolve_device(args.device))
+    info = model.config["description"]
+    if args.scale != int(info["scale"]):
+        raise ValueError(f"--scale {args.scale} differs from the model's scale ({info['scale']})")
+    frames, n_frames = read_widefield(args.widefield, frames="all" if args.each_frame else "mean")
+    frames = frames if args.each_frame else frames[None]
+    pixel_size = resolve_pixel_size(args.widefield, args.pixel_size)
+    trained_pixel = info.get("input_pixel_size_nm")
+    if trained_pixel and abs(pixel_size / trained_pixel - 1) > 0.01:
+        raise ValueError(f"the image's pixel size ({pixel_size:g} nm) differs from the one the model was trained on ({trained_pixel:g} nm)")
+    from tqdm import tqdm
+
+    with tqdm(desc="micro amortized", unit="frame", total=len(frames)) as bar:
+
+        def report(state: dict) -> None:
+            bar.update(1)
+
+        results = apply_to_frames(model, frames, n_samples=args.samples, seed=args.seed, callback=report)
+    seconds = sum(r.seconds for r in results)
+    parameters = results[0].parameters | {
+        "input": str(args.widefield),
+        "frames": len(results) if args.each_frame else 1,
+        "frames_averaged": 1 if args.each_frame else n_frames,
+        "input_pixel_size_nm": pixel_size,
+        "pixel_size_nm": pixel_size / args.scale,
+        "model": str(args.amortized),
+        "model_trained_steps": model.config.get("trained_steps"),
+        "seconds": round(seconds, 3),
+        "software": f"ppm-imaging {__version__}",
+    }
+    parameters.pop("frame", None)
+    if args.each_frame:
+        write_result(args.out, np.stack([r.mean for r in results]), np.stack([r.std for r in results]),
+                     np.stack([r.samples for r in results]), pixel_size / args.scale, parameters)
+    else:
+        write_result(args.out, results[0].mean, results[0].std, results[0].samples, pixel_size / args.scale, parameters)
+    logger.info("wrote %s (%d frame(s), %d samples each, %.2f s)", args.out, len(results), args.samples, seconds)
     return 0

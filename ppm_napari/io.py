@@ -10,7 +10,8 @@ channel     content
 2 ...       posterior samples 1 ... N
 ==========  =========================================================
 
-The OME channel names repeat this layout. ``PhysicalSizeX/Y`` is the super-resolved pixel size (input pixel
+A time series (``ppm micro reconstruct --amortized --each-frame``) has axes ``TCYX`` with the
+same channels for every frame. The OME channel names repeat this layout. ``PhysicalSizeX/Y`` is the super-resolved pixel size (input pixel
 size / scale) in micrometres. The OME ``Description`` of the image holds the run's parameters
 as JSON (method, options, PSF, noise model, scale, prior, software version), and a
 ``MapAnnotation`` repeats the main ones as key-value pairs for OMERO and Fiji.
@@ -99,7 +100,8 @@ def read_widefield(path: str | os.PathLike, frames: str = "mean") -> tuple[np.nd
     """Read a widefield image as a 2-D float64 array; return it and the number of frames averaged.
 
     A 3-D stack (for example the 9 raw frames of a SIM acquisition) is averaged over its first
-    axis when ``frames="mean"``; ``frames="error"`` refuses stacks.
+    axis when ``frames="mean"``; ``frames="error"`` refuses stacks; ``frames="all"`` keeps every
+    frame and returns a ``(T, H, W)`` array (``(1, H, W)`` for a 2-D image).
     """
     path = Path(path)
     with _open_tiff(path) as tif:
@@ -117,6 +119,11 @@ def read_widefield(path: str | os.PathLike, frames: str = "mean") -> tuple[np.nd
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         raise ValueError(f"{path} has pixels of type {data.dtype}; expected integer or real values")
     n_frames = data.shape[0] if data.ndim == 3 else 1
+    if frames == "all" and data.ndim in (2, 3) and data.size:
+        data = data.astype(np.float64).reshape(-1, *data.shape[-2:])
+        if not np.all(np.isfinite(data)):
+            raise ValueError(f"{path} contains NaN or infinite pixels")
+        return data, n_frames
     if data.ndim == 3:
         if frames != "mean":
             raise ValueError(f"{path} contains a stack of shape {data.shape}; a single 2-D widefield image is expected")
@@ -159,17 +166,28 @@ def write_result(
     pixel_size_nm: float,
     parameters: dict,
 ) -> Path:
-    """Write the posterior as one OME-TIFF (layout in the module docstring), atomically."""
+    """Write the posterior as one OME-TIFF (layout in the module docstring), atomically.
+
+    ``mean`` and ``std`` are ``(H, W)`` with ``samples`` ``(n, H, W)``, or, for a time series,
+    ``(T, H, W)`` with ``samples`` ``(T, n, H, W)``.
+    """
     import tifffile
 
     path = Path(path)
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1, *np.shape(mean))
-    stack = np.concatenate([np.asarray(mean, np.float32)[None], np.asarray(std, np.float32)[None], samples])
-    names = ["posterior mean", "posterior std"] + [f"sample {i + 1}" for i in range(samples.shape[0])]
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    series = mean.ndim == 3
+    if series:
+        samples = np.asarray(samples, dtype=np.float32).reshape(mean.shape[0], -1, *mean.shape[1:])
+        stack = np.concatenate([mean[:, None], std[:, None], samples], axis=1)
+    else:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1, *mean.shape)
+        stack = np.concatenate([mean[None], std[None], samples])
+    n_samples = samples.shape[1] if series else samples.shape[0]
+    names = ["posterior mean", "posterior std"] + [f"sample {i + 1}" for i in range(n_samples)]
     size_um = pixel_size_nm / 1e3
     annotation = {k: str(parameters[k]) for k in ("method", "scale", "n_samples", "psf") if k in parameters}
     metadata = {
-        "axes": "CYX",
+        "axes": "TCYX" if series else "CYX",
         "Name": parameters.get("name", path.stem),
         "PhysicalSizeX": size_um,
         "PhysicalSizeXUnit": "µm",
@@ -198,7 +216,7 @@ def read_result(path: str | os.PathLike) -> dict:
         stack = tif.asarray()
         root = ET.fromstring(tif.ome_metadata)
     names = [e.attrib.get("Name", "") for e in root.iter() if e.tag.endswith("}Channel")]
-    if stack.ndim != 3 or stack.shape[0] < 3 or names[:2] != ["posterior mean", "posterior std"]:
+    if stack.ndim not in (3, 4) or stack.shape[-3] < 3 or names[:2] != ["posterior mean", "posterior std"]:
         raise ValueError(f"{path} is not a PPM result: expected channels 'posterior mean', 'posterior std' and samples; "
                          f"got shape {stack.shape} and channels {names[:3]}")
     description = next((e.text for e in root.iter() if e.tag.endswith("}Description") and e.text), None)
@@ -206,10 +224,11 @@ def read_result(path: str | os.PathLike) -> dict:
         parameters = json.loads(description) if description else {}
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: the Description is not this tool's JSON run parameters: {exc}") from exc
+    # A time series (axes TCYX) keeps its time axis first in every array.
     return {
-        "mean": stack[0],
-        "std": stack[1],
-        "samples": stack[2:],
+        "mean": stack[..., 0, :, :],
+        "std": stack[..., 1, :, :],
+        "samples": stack[..., 2:, :, :],
         "pixel_size_nm": read_pixel_size(path),
         "channel_names": names,
         "parameters": parameters,

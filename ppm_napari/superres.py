@@ -143,6 +143,42 @@ def _axis_weight(start: int, stop: int, starts: list[int], tile: int, scale: int
     return weight
 
 
+class TileBlender:
+    """Overlapping tiles of an image (camera pixels) and the blend of their fine-grid samples.
+
+    Tiles of ``tile`` pixels overlap by at least ``overlap``; each tile's samples are weighted by
+    linear ramps across its overlaps (which sum to 1) and accumulated into the samples, the mean
+    and the variance of the whole fine image.
+    """
+
+    def __init__(self, shape: tuple[int, int], tile: int, overlap: int, scale: int, n_samples: int):
+        height, width = shape
+        self.scale = scale
+        self.rows, self.cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+        self.tile = tile
+        self.tiles = [(r, c, min(r + tile, height), min(c + tile, width)) for r in self.rows for c in self.cols]
+        fine = (height * scale, width * scale)
+        self.total = np.zeros(fine)
+        self.samples = np.zeros((n_samples, *fine))
+        self.variance = np.zeros(fine)
+        self.mean = np.zeros(fine)
+
+    def add(self, index: int, samples: np.ndarray) -> None:
+        """Accumulate the ``(n, h, w)`` fine-grid samples of tile ``index``."""
+        top, left, bottom, right = self.tiles[index]
+        s = self.scale
+        w = np.outer(_axis_weight(top, bottom, self.rows, self.tile, s), _axis_weight(left, right, self.cols, self.tile, s))
+        region = (slice(top * s, bottom * s), slice(left * s, right * s))
+        self.total[region] += w
+        self.samples[(slice(None), *region)] += w * samples
+        self.mean[region] += w * samples.mean(0)
+        self.variance[region] += w * (samples.var(0, ddof=1) if samples.shape[0] > 1 else 0)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Blended samples ``(n, H', W')``, mean and standard deviation ``(H', W')``."""
+        return self.samples / self.total, self.mean / self.total, np.sqrt(self.variance / self.total)
+
+
 def super_resolve(
     widefield: np.ndarray,
     psf: np.ndarray,
@@ -245,17 +281,10 @@ def super_resolve(
         origin = "given" if tile_overlap is not None else "the default, max(16, PSF diameter / scale)"
         raise ValueError(f"tile_overlap ({overlap}, {origin}) must be positive and at most half of tile_size ({tile}); "
                          f"use a tile_size of at least {2 * overlap} or a smaller tile_overlap")
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    tiles = [(r, c) for r in rows for c in cols]
-    parameters |= {"tile_size": tile_size, "tile_overlap": overlap if len(tiles) > 1 else None, "tiles": len(tiles)}
+    blender = TileBlender((height, width), tile, overlap, scale, n_samples)
+    parameters |= {"tile_size": tile_size, "tile_overlap": overlap if len(blender.tiles) > 1 else None, "tiles": len(blender.tiles)}
 
-    fine = (height * scale, width * scale)
-    total = np.zeros(fine)
-    weighted = np.zeros((n_samples, *fine))
-    weighted_var = np.zeros(fine)
-    weighted_mean = np.zeros(fine)
-    for index, (top, left) in enumerate(tiles):
-        bottom, right = min(top + tile, height), min(left + tile, width)
+    for index, (top, left, bottom, right) in enumerate(blender.tiles):
         y = torch.as_tensor(y_all[top:bottom, left:right], dtype=torch.float32)[None, None]
         operator = SuperResolution(psf, scale, tuple(y.shape[-2:]), noise=noise_p)
 
@@ -264,22 +293,11 @@ def super_resolve(
                 return None
             # The current mean of this tile in the input's units, and where it sits on the fine grid.
             preview = state["mean"][0].double().numpy() * unit + offset
-            return callback(state | {"tile": index + 1, "tiles": len(tiles), "preview": preview, "origin": origin})
+            return callback(state | {"tile": index + 1, "tiles": len(blender.tiles), "preview": preview, "origin": origin})
 
-        logger.info("tile %d/%d: rows %d-%d, columns %d-%d", index + 1, len(tiles), top, bottom, left, right)
+        logger.info("tile %d/%d: rows %d-%d, columns %d-%d", index + 1, len(blender.tiles), top, bottom, left, right)
         posterior = reconstruct(y, operator, prior, method=method, n_samples=n_samples, steps=steps, seed=seed + index, callback=report, **settings)
-        samples = posterior.samples[:, 0].double().numpy() * unit + offset
+        blender.add(index, posterior.samples[:, 0].double().numpy() * unit + offset)
 
-        # Blend weights on the fine grid: ramps across overlaps with neighbours, flat at image borders.
-        w = np.outer(_axis_weight(top, bottom, rows, tile, scale), _axis_weight(left, right, cols, tile, scale))
-        f_top, f_bottom, f_left, f_right = top * scale, bottom * scale, left * scale, right * scale
-        region = (slice(f_top, f_bottom), slice(f_left, f_right))
-        total[region] += w
-        weighted[(slice(None), *region)] += w * samples
-        weighted_mean[region] += w * samples.mean(0)
-        weighted_var[region] += w * (samples.var(0, ddof=1) if n_samples > 1 else 0)
-
-    samples = weighted / total
-    mean = weighted_mean / total
-    std = np.sqrt(weighted_var / total)
+    samples, mean, std = blender.result()
     return SuperResolutionResult(samples, mean, std, parameters, time.perf_counter() - start, peak_memory_mb())

@@ -2,6 +2,10 @@
 
 The widget only collects settings, checks them and shows results; the work is
 :func:`ppm_napari.superres.super_resolve`, the same function as ``ppm micro reconstruct``.
+Its amortized section trains a model on every plane of the chosen layer
+(:func:`ppm_napari.amortized.train_on_stack`, as ``ppm train-amortized micro``) and applies a
+model to every plane (:func:`ppm_napari.amortized.apply_to_frames`), which adds mean, std and
+samples layers with the planes as their first axis.
 """
 
 from __future__ import annotations
@@ -52,11 +56,17 @@ class ReconstructionWidget(Container):
         self.tile_size = SpinBox(label="tile size (0: whole)", value=0, min=0, max=100000)
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.model_folder = FileEdit(label="amortized model", mode="d", value="")
+        self.train_steps = SpinBox(label="training steps", value=1000, min=1, max=10**7)
+        self.train_button = PushButton(text="Train on this stack")
+        self.apply_button = PushButton(text="Apply to all frames")
         self.status = Label(value="")
         super().__init__(widgets=[
             self.image, self.stack, self.pixel_size, self.psf_source, self.na, self.wavelength, self.refractive_index,
             self.psf_layer, self.psf_pixel_size, self.otf_file, self.fwhm, self.scale, self.prior, self.method,
-            self.samples, self.steps, self.seed, self.tile_size, self.run_button, self.cancel_button, self.status,
+            self.samples, self.steps, self.seed, self.tile_size, self.run_button, self.cancel_button,
+            Label(value="Amortized: train once, then one pass per frame"), self.model_folder, self.train_steps,
+            self.train_button, self.apply_button, self.status,
         ])  # fmt: skip
         self.worker = None
         self._cancel = threading.Event()
@@ -64,6 +74,8 @@ class ReconstructionWidget(Container):
         self.psf_source.changed.connect(self._show_psf_fields)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.train_button.clicked.connect(self.train)
+        self.apply_button.clicked.connect(self.apply)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
         self._show_psf_fields()
@@ -147,6 +159,23 @@ class ReconstructionWidget(Container):
             return models.psf_from_otf(path, fine_pixel), {"kind": "otf", "file": str(path)}
         return models.gaussian_psf(self.fwhm.value / fine_pixel), {"kind": "gaussian", "fwhm_nm": self.fwhm.value}
 
+    def _input_frames(self) -> np.ndarray:
+        """Every plane of the input layer as ``(T, H, W)``."""
+        layer = self.image.value
+        if layer is None:
+            raise ValueError("choose an input image layer")
+        if layer.rgb:
+            raise ValueError(f"layer {layer.name!r} is an RGB image; super-resolution needs a single-channel widefield image")
+        data = np.asarray(layer.data, dtype=np.float64)
+        if data.ndim not in (2, 3):
+            raise ValueError(f"layer {layer.name!r} has {data.ndim} dimensions; a 2-D image or a 3-D stack is expected")
+        return data.reshape(-1, *data.shape[-2:])
+
+    def _layer_geometry(self) -> dict[str, Any]:
+        layer = self.image.value
+        return {"source": layer.name, "scale": self.scale.value, "layer_scale": tuple(float(s) for s in layer.scale[-2:]),
+                "layer_translate": tuple(float(t) for t in layer.translate[-2:])}
+
     def settings(self) -> dict[str, Any]:
         """Everything the run needs, checked; raises ``ValueError`` naming what is wrong."""
         image = self._input_image()
@@ -206,6 +235,102 @@ class ReconstructionWidget(Container):
             self.worker.quit()
             self.status.value = "cancelling"
 
+    def train(self, _value=None):
+        """Train an amortized model on every plane of the input layer, in a thread worker; returns the worker."""
+        from napari.utils.notifications import show_error
+
+        from ppm_core.priors import load_prior
+        from ppm_core.training.amortized import AmortizedConfig
+
+        try:
+            frames = self._input_frames()
+            if self.pixel_size.value <= 0:
+                raise ValueError("set the pixel size (nm): the layer has no physical scale")
+            folder = Path(str(self.model_folder.value))
+            if not str(self.model_folder.value).strip() or folder == Path("."):
+                raise ValueError("choose a folder for the amortized model")
+            if (folder / "config.json").exists():
+                raise ValueError(f"{folder} already contains a model; choose an empty folder (or continue it with ppm train-amortized --resume)")
+            fine_pixel = self.pixel_size.value / self.scale.value
+            psf, psf_info = self._psf(fine_pixel)
+            prior = load_prior(Path(str(self.prior.value)))
+            tile = self.tile_size.value or 32
+            job = {"frames": frames, "psf": psf, "prior": prior, "out_dir": folder, "scale": self.scale.value, "tile_size": tile,
+                   "tile_overlap": tile // 2, "config": AmortizedConfig(steps=self.train_steps.value, seed=self.seed.value),
+                   "description": {"input_pixel_size_nm": self.pixel_size.value, "pixel_size_nm": fine_pixel, "psf_source": psf_info,
+                                   "layer": self.image.value.name}}
+        except (ValueError, OSError) as exc:
+            show_error(str(exc))
+            return None
+        return self._start(_train, job, total=self.train_steps.value, desc="PPM: amortized training",
+                           on_progress=lambda state: setattr(self.status, "value", f"step {state['step']}/{state['steps']}, loss {state['loss']:.4g}"),
+                           on_result=self._on_trained)
+
+    def apply(self, _value=None):
+        """Apply the amortized model to every plane of the input layer; adds mean, std and samples over the planes."""
+        from napari.utils.notifications import show_error
+
+        from .amortized import load_model
+
+        try:
+            frames = self._input_frames()
+            model = load_model(Path(str(self.model_folder.value)))
+            info = model.config["description"]
+            trained_pixel = info.get("input_pixel_size_nm")
+            if self.pixel_size.value > 0 and trained_pixel and abs(self.pixel_size.value / trained_pixel - 1) > 0.01:
+                raise ValueError(f"the layer's pixel size ({self.pixel_size.value:g} nm) differs from the model's ({trained_pixel:g} nm)")
+            geometry = self._layer_geometry() | {"scale": int(info["scale"]), "fine_pixel": (trained_pixel or 0) / int(info["scale"])}
+            job = {"model": model, "frames": frames, "n_samples": self.samples.value, "seed": self.seed.value}
+        except (ValueError, OSError) as exc:
+            show_error(str(exc))
+            return None
+        return self._start(_apply, job, total=len(frames), desc="PPM: amortized",
+                           on_progress=lambda state: setattr(self.status, "value", f"frame {state['frame']}/{state['frames']}"),
+                           on_result=lambda results: self._on_applied(results, geometry))
+
+    def _start(self, function, job: dict, total: int, desc: str, on_progress, on_result):
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        if self.worker is not None:
+            show_error("a reconstruction is already running; cancel it first")
+            return None
+        self._cancel.clear()
+        worker = create_worker(function, job, self._cancel, _progress={"total": total, "desc": desc})
+        worker.yielded.connect(on_progress)
+        worker.returned.connect(on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: self._on_finished(""))
+        self.worker = worker
+        for button in (self.run_button, self.train_button, self.apply_button):
+            button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "running"
+        worker.start()
+        return worker
+
+    def _on_trained(self, model) -> None:
+        if model is None:
+            return
+        steps = model.config.get("trained_steps")
+        self.status.value = f"model trained for {steps} steps, saved in {self.model_folder.value}"
+
+    def _on_applied(self, results, geometry: dict) -> None:
+        from ._reader import result_layers
+
+        if results is None:
+            return
+        self._remove_layers(geometry["source"])
+        scale, translate = _fine_geometry(geometry)
+        seconds = sum(r.seconds for r in results)
+        parameters = results[0].parameters | {"frames": len(results), "seconds": round(seconds, 3), "pixel_size_nm": geometry["fine_pixel"]}
+        parameters.pop("frame", None)
+        stacked = {"mean": np.stack([r.mean for r in results]), "std": np.stack([r.std for r in results]),
+                   "samples": np.stack([r.samples for r in results]), "parameters": parameters}
+        for data, meta, _ in result_layers(stacked, geometry["source"], scale=scale, translate=translate):
+            self.viewer.add_image(data, **meta)
+        self.status.value = f"{len(results)} frame(s) in {seconds:.1f} s"
+
     def _on_progress(self, state: dict, settings: dict) -> None:
         if state.get("iteration", 0) % PREVIEW_EVERY and state.get("iteration") != state.get("steps"):
             return
@@ -251,7 +376,8 @@ class ReconstructionWidget(Container):
                 self.viewer.layers.remove(name)
             self.status.value = "cancelled"
         self.worker = None
-        self.run_button.enabled = True
+        for button in (self.run_button, self.train_button, self.apply_button):
+            button.enabled = True
         self.cancel_button.enabled = False
 
     def _remove_layers(self, source: str) -> None:
@@ -282,14 +408,37 @@ def _fine_geometry(settings: dict) -> tuple[tuple[float, float], tuple[float, fl
 
 
 def _reconstruct(settings: dict, cancel: threading.Event):
-    """Generator run in the worker thread: yields progress states, returns the result (``None`` if cancelled).
+    """Generator run in the worker thread: yields progress states, returns the result (``None`` if cancelled)."""
+    from .superres import super_resolve
 
-    The reconstruction itself runs in a nested thread so that this generator can yield its
-    progress to the GUI; the callback checks ``cancel`` at every iteration.
+    return (yield from _threaded(lambda callback: super_resolve(
+        settings["image"], settings["psf"], settings["prior"], scale=settings["scale"], method=settings["method"],
+        n_samples=settings["n_samples"], steps=settings["steps"], seed=settings["seed"], tile_size=settings["tile_size"],
+        callback=callback), cancel))  # fmt: skip
+
+
+def _train(job: dict, cancel: threading.Event):
+    """Worker generator of "Train on this stack": yields training states, returns the model (saved when stopped)."""
+    from .amortized import train_on_stack
+
+    return (yield from _threaded(lambda callback: train_on_stack(callback=callback, **job), cancel))
+
+
+def _apply(job: dict, cancel: threading.Event):
+    """Worker generator of "Apply to all frames": yields after each frame, returns the per-frame results."""
+    from .amortized import apply_to_frames
+
+    return (yield from _threaded(lambda callback: apply_to_frames(callback=callback, **job), cancel))
+
+
+def _threaded(work_function, cancel: threading.Event):
+    """Run ``work_function(callback)`` in a nested thread, yield each state it reports, return its result.
+
+    The nested thread lets this generator yield progress to the GUI; ``callback`` returns
+    ``True`` once ``cancel`` is set, which stops the work at its next report. A run stopped by
+    :class:`ReconstructionCancelled` returns ``None``.
     """
     from ppm_core.inference import ReconstructionCancelled
-
-    from .superres import super_resolve
 
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
@@ -300,10 +449,7 @@ def _reconstruct(settings: dict, cancel: threading.Event):
 
     def work() -> None:
         try:
-            outcome["result"] = super_resolve(
-                settings["image"], settings["psf"], settings["prior"], scale=settings["scale"], method=settings["method"],
-                n_samples=settings["n_samples"], steps=settings["steps"], seed=settings["seed"], tile_size=settings["tile_size"],
-                callback=callback)  # fmt: skip
+            outcome["result"] = work_function(callback)
         except ReconstructionCancelled:
             outcome["cancelled"] = True
         except BaseException as exc:  # handed to the GUI thread below
@@ -322,7 +468,7 @@ def _reconstruct(settings: dict, cancel: threading.Event):
                 break
             yield state
     finally:
-        if not drained:  # the worker was stopped while the reconstruction ran: stop it too
+        if not drained:  # the worker was stopped while the work ran: stop it too
             cancel.set()
         thread.join()
     if "error" in outcome:

@@ -202,3 +202,38 @@ def test_npe2_validate_command():
     pytest.importorskip("npe2")
     result = subprocess.run([sys.executable, "-m", "npe2", "validate", "ppm-imaging"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_widget_trains_and_applies_model(make_napari_viewer, qtbot, tiny_prior, errors, tmp_path):
+    frames = tifffile.imread(WF09).astype(np.float32)[:3, 40:60, 30:54]
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, name="movie", scale=(1.0, 0.0626, 0.0626))
+    widget = _widget(viewer, tiny_prior, psf_source="Gaussian (FWHM)", fwhm=250.0, tile_size=16, train_steps=2, samples=3)
+    widget.model_folder.value = str(tmp_path / "model")
+    assert widget.train() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert errors == []
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert "trained for 2 steps" in widget.status.value
+
+    # A second training into the same folder is rejected, and the model stays.
+    assert widget.train() is None
+    assert "already contains a model" in errors[-1]
+    errors.clear()
+
+    assert widget.apply() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert errors == []
+    mean, std, samples = (viewer.layers[f"movie {role}"] for role in ("mean", "std", "samples"))
+    assert mean.data.shape == std.data.shape == (3, 40, 48)
+    assert samples.data.shape == (3, 3, 40, 48)
+    np.testing.assert_allclose(mean.scale, (1.0, 0.0313, 0.0313))
+    np.testing.assert_allclose(samples.scale, (1.0, 1.0, 0.0313, 0.0313))
+    assert mean.metadata["parameters"]["method"] == "ppm-amortized"
+    assert mean.metadata["parameters"]["frames"] == 3
+    assert viewer.layers["movie"].data.shape == (3, 20, 24)
+
+    # Without a model folder, apply shows what is missing.
+    widget.model_folder.value = str(tmp_path / "nothing")
+    assert widget.apply() is None
+    assert "amortized model folder not found" in errors[-1]
