@@ -60,7 +60,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/calibration.py --problem field --figure docs/calibration_field.png --update docs/benchmarks.md docs/calibration.md
 	$(PY) benchmarks/calibration.py --problem blur --figure docs/calibration_blur.png --update docs/benchmarks.md docs/calibration.md
 	$(PY) benchmarks/calibration.py --problem blur --long --update docs/benchmarks.md docs/calibration.md
-	$(PY) benchmarks/amortized.py --tasks exact --update docs/benchmarks.md docs/amortized.md
 	$(PY) benchmarks/amortized.py --update docs/benchmarks.md docs/amortized.md
 
 clean:

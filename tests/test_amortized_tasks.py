@@ -136,6 +136,23 @@ def test_closure_likelihood_of_given_measurements(closure_problem_m87):
         operator.nll(truths, ys[:2])
 
 
+def test_gradient_embedding_has_unit_rms(closure_problem_m87):
+    """Closure data have no adjoint: b(y) is the likelihood's gradient at a compact source, scaled to unit RMS."""
+    from ppm_core.inference.amortized import MeasurementEmbedding
+    from ppm_eht.amortized import compact_source, synthetic_observations
+
+    operator = closure_problem_m87.operator
+    _, ys = synthetic_observations(closure_problem_m87, 6, seed=4)
+    reference = compact_source(closure_problem_m87).double()
+    embedding = MeasurementEmbedding.fit(operator, ys, reference=reference)
+    assert embedding.kind == "likelihood-gradient"
+    torch.testing.assert_close(embedding.reference, reference)
+    b = embedding(ys)
+    assert float(b.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-9)
+    # Different closures give different views.
+    assert float((b[0] - b[1]).abs().max()) > 0
+
+
 def test_cli_train_then_reconstruct_eht(tmp_path):
     pytest.importorskip("ehtim", reason="ehtim is not installed (pip install -e '.[eht]')")
     from ppm_eht.io import read_posterior_fits

@@ -112,7 +112,7 @@ class MeasurementEmbedding(nn.Module):
             scale = math.sqrt(numerator / max(denominator, 1e-30))
         if not (math.isfinite(scale) and scale != 0):
             raise ValueError(f"cannot scale the measurement embedding (got {scale}); are the measurements all zero?")
-        return cls(operator, kind, scale)
+        return cls(operator, kind, scale, reference)
 
     def forward(self, y: Tensor) -> Tensor:
         if self.kind == "adjoint":

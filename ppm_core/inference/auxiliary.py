@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -121,9 +121,19 @@ class TrainedAuxiliary(Auxiliary):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def fit(self, particles: Tensor, generator: torch.Generator) -> float | None:
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW optimizer of the trainable parameters, created on first use."""
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
+        return self._optimizer
+
+    def fit(self, particles: Tensor, generator: torch.Generator, average_gradients: Callable[[list[nn.Parameter]], None] | None = None) -> float | None:
+        """Take ``steps`` DSM steps on fresh noisy copies of ``particles``; return the last loss.
+
+        ``average_gradients`` (for data-parallel training) is applied to the trainable
+        parameters after each backward pass.
+        """
+        optimizer = self.optimizer()
         x0 = particles.detach()
         loss = torch.tensor(float("nan"))
         for _ in range(self.steps):
@@ -132,9 +142,11 @@ class TrainedAuxiliary(Auxiliary):
             weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
             denoised = self.denoiser(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma)
             loss = (weight.reshape(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
-            self._optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._optimizer.step()
+            if average_gradients is not None:
+                average_gradients(self.trainable_parameters())
+            optimizer.step()
         return float(loss.detach())
 
 
