@@ -1,16 +1,16 @@
 """Amortized VLBI imaging: one generator for every observation with one array's (u, v) coverage.
 
 :func:`train_on_coverage` simulates many observations with the (u, v) coverage and closure
-uncertainties of one real observation: images from a synthetic generator (by default the ring
-family the shipped prior was trained on) are mapped to Jy with the observation's total flux,
-their closure phases and log closure amplitudes computed, and Gaussian noise with the data's
-own closure sigmas added. The generator is trained on these closure products alone (the
-images are not used). :func:`reconstruct_amortized` draws posterior samples for an observation
-with the same coverage in one pass.
+uncertainties of one real observation. Images from a synthetic generator (by default the ring
+family the shipped prior was trained on) are mapped to Jy with the observation's total flux.
+Their closure phases and log closure amplitudes are computed, and Gaussian noise with the
+data's own closure sigmas is added. The generator is trained on these closure products alone
+(the images are not used). :func:`reconstruct_amortized` draws posterior samples for an
+observation with the same coverage in one pass.
 
-Simplification: the noise is added to the closure products, as the likelihood models it, not
-to visibilities with station gains; closure products cancel the gains, and their thermal
-noise is close to Gaussian at the signal-to-noise ratios of the EHT data.
+NOTE: the noise is added to the closure products, as the likelihood models it, and not to
+visibilities with station gains. Closure products cancel the gains, and their noise is close
+to Gaussian only at high signal-to-noise ratio, so low-SNR closures are simulated too kindly.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def train_on_coverage(
 ) -> AmortizedModel:
     """Train an amortized VLBI model on simulated observations with the coverage of ``obs``.
 
-    ``images`` names the synthetic generator of the simulated sources, ``n_observations`` how many
-    are simulated (seeded by ``seed``); the other grid and data settings are those of
+    ``images`` names the synthetic generator of the simulated sources, and ``n_observations`` is
+    how many are simulated (seeded by ``seed``). The other grid and data settings are those of
     :func:`~ppm_eht.reconstruct.reconstruct_uvfits`. ``reference_fwhm_uas`` sets the compact
     source at which the measurement embedding takes the likelihood's gradient.
     """
@@ -107,7 +107,7 @@ def train_on_coverage(
 
 
 def compact_source(problem: ClosureProblem, fwhm_uas: float = 20.0) -> Tensor:
-    """A centred circular Gaussian of ``fwhm_uas`` with peak brightness 1, in the prior's space, ``(1, 1, npix, npix)``.
+    """Return a centred circular Gaussian of ``fwhm_uas`` with peak brightness 1, in the prior's space, ``(1, 1, npix, npix)``.
 
     The reference image of the measurement embedding: its visibilities stay well above zero on
     the EHT baselines, so the gradients of closure phases and amplitudes there are well defined.
@@ -122,7 +122,7 @@ def compact_source(problem: ClosureProblem, fwhm_uas: float = 20.0) -> Tensor:
 
 
 def model_problem(model_dir, obs, total_flux: float | None = None) -> tuple[ClosureProblem, dict]:
-    """The closure problem of ``obs`` on the grid and with the settings of an amortized VLBI model."""
+    """Build the closure problem of ``obs`` on the grid and with the settings of an amortized VLBI model."""
     config = read_amortized_config(model_dir)
     info = config.get("description", {})
     if info.get("task") != TASK:

@@ -6,8 +6,8 @@ generator on them with the PPM loss (:func:`ppm_core.training.amortized.train_am
 ground truth is used. :func:`apply_to_frames` then draws posterior samples of every frame
 tile by tile, one generator pass per tile, and blends the tiles as :func:`super_resolve` does.
 
-A model is tied to what it was trained on: the PSF, the scale, the tile size, the intensity map
-into the prior's space and the noise model are stored in its config and reused for every
+A model is tied to what it was trained on. Its config stores the PSF, the scale, the tile size,
+the intensity map into the prior's space and the noise model, and they are reused for every
 frame it is applied to. Frames from another microscope or with other camera settings need a
 model trained on them.
 """
@@ -52,7 +52,7 @@ def _check_stack(frames: np.ndarray) -> np.ndarray:
 
 
 def stack_tiles(stack: np.ndarray, tile: int, overlap: int) -> np.ndarray:
-    """All ``tile x tile`` tiles of every frame, overlapping by at least ``overlap``: ``(N, tile, tile)``."""
+    """Cut every frame into ``tile x tile`` tiles that overlap by at least ``overlap``; return ``(N, tile, tile)``."""
     _, height, width = stack.shape
     if tile > min(height, width):
         raise ValueError(f"tile_size ({tile}) must not exceed the frames' smaller side ({min(height, width)} camera pixels)")
@@ -133,7 +133,7 @@ def train_on_stack(
 
 
 def model_operator(config: dict[str, Any]) -> SuperResolution:
-    """The forward model of a microscopy amortized model's tiles, rebuilt from its config."""
+    """Rebuild the forward model of a microscopy amortized model's tiles from its config."""
     info = config.get("description", {})
     if info.get("task") != TASK:
         raise ValueError(f"the amortized model was trained for {info.get('task', 'another task')!r}, not {TASK!r}")
@@ -158,10 +158,10 @@ def apply_to_frames(
     seed: int = 0,
     callback: Callable[[dict], bool | None] | None = None,
 ) -> list[SuperResolutionResult]:
-    """Posterior samples of every frame, one generator pass per tile.
+    """Draw posterior samples of every frame, one generator pass per tile.
 
     ``frames`` is ``(T, H, W)`` or ``(H, W)`` in the units the model was trained on; each result
-    holds ``(n_samples, H * scale, W * scale)`` samples in those units. All tiles of a frame go
+    has ``(n_samples, H * scale, W * scale)`` samples in those units. All tiles of a frame go
     through the generator together. ``callback`` gets ``{"frame", "frames"}`` after each frame;
     returning ``True`` cancels with :class:`~ppm_core.inference.ReconstructionCancelled`.
     """

@@ -223,3 +223,10 @@ def test_ddp_training_keeps_ranks_equal(tmp_path):
     # Each process drew its own measurements: the averaged gradient moved the weights.
     initial = load_file(str(tmp_path / "rank0_initial.safetensors"))
     assert any(not torch.equal(initial[k], rank0[k]) for k in initial)
+
+
+def test_resume_with_other_loss_raises(image_problem, tmp_path):
+    prior, operator, ys = image_problem
+    train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=1, batch_size=4))
+    with pytest.raises(ValueError, match=r"cannot resume .* aux_condition \('measurement' -> 'none'\)"):
+        train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=2, batch_size=4, aux_condition="none"), resume=True)

@@ -95,6 +95,13 @@ def test_cli_train_then_reconstruct_each_frame(stack, tiny_prior, tmp_path):
     assert result["pixel_size_nm"] == pytest.approx(31.3)
     assert result["parameters"]["method"] == "ppm-amortized"
     assert result["parameters"]["frames"] == 3
+    # The napari reader gives the time series layers with a leading time axis.
+    from ppm_napari._reader import get_reader
+
+    layers = get_reader(str(out))(str(out))
+    assert [meta["metadata"]["ppm_role"] for _, meta, _ in layers] == ["mean", "std", "samples"]
+    assert layers[0][1]["scale"] == pytest.approx((1.0, 0.0313, 0.0313))
+    assert layers[2][1]["scale"] == pytest.approx((1.0, 1.0, 0.0313, 0.0313))
     single = tmp_path / "single.ome.tif"
     assert _run("micro", "reconstruct", stack, "--pixel-size", 62.6, "--amortized", model, "--samples", 2, "--out", single) == 0
     assert read_result(single)["samples"].shape == (2, 80, 72)

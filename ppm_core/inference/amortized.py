@@ -21,7 +21,7 @@ forms (option ``aux_condition``):
 - ``"measurement"`` (default): ``s_phi(x_sigma, sigma; y)`` sees ``b(y)``, so it learns the score
   of ``q(x | y)`` for each ``y``. The loss is then the average over measurements of the exact
   per-measurement ``KL(q(. | y) || p(. | y))``, whose minimum is the posterior for every ``y``.
-- ``"none"``: ``s_phi`` ignores ``y`` (the paper's form). It learns the score of the mixture
+- ``"none"``: ``s_phi`` ignores ``y``, as in the Principled Posterior Matching paper. It learns the score of the mixture
   ``q(x) = E_y q(x | y)`` and the loss becomes ``E_y E_q[-log p(y | x)] + KL(q(x) || p(x))``.
   This equals the per-measurement objective minus the mutual information ``I(x; y)`` under
   ``q``, so it rewards samples that depend on ``y`` more than the posterior does. Measured on
@@ -58,19 +58,15 @@ AUX_CONDITIONS = ("measurement", "none")
 EMBEDDINGS = ("adjoint", "likelihood-gradient")
 
 
-def _numel(shape) -> int:
-    return math.prod(int(s) for s in shape)
-
-
 class MeasurementEmbedding(nn.Module):
     """``b(y)``: a fixed, image-shaped view of a measurement, linear in ``y`` where possible.
 
     ``"adjoint"`` (linear operators): ``b(y) = alpha A^T y`` with ``alpha`` the least-squares
     scale that makes ``A b(y)`` closest to ``y`` over the training measurements.
     ``"likelihood-gradient"`` (any differentiable likelihood, such as closure products):
-    ``b(y) = -alpha grad_x nll(x_ref, y)`` at a fixed reference image ``x_ref`` (by default 0 in
-    the prior's space; for closure data a compact source, where visibilities do not vanish),
-    with ``alpha`` making its root-mean-square 1 over the training measurements.
+    ``b(y) = -alpha grad_x nll(x_ref, y)`` at a fixed reference image ``x_ref``, with ``alpha``
+    making its root-mean-square 1 over the training measurements. ``x_ref`` is 0 in the prior's
+    space by default. For closure data it is a compact source, where visibilities do not vanish.
     """
 
     def __init__(self, operator, kind: str, scale: float, reference: Tensor | None = None):
@@ -218,7 +214,7 @@ class AmortizedGenerator(nn.Module):
         return params
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """The trained weights, for safetensors."""
+        """Return the trained weights (and the embedding's reference image) as CPU tensors for safetensors."""
         tensors = {f"residual.{k}": v for k, v in self.residual.state_dict().items()}
         tensors["embedding.reference"] = self.embedding.reference
         if self.is_network:
@@ -236,8 +232,9 @@ class AmortizedGenerator(nn.Module):
             base = {k[len("base.") :]: v for k, v in tensors.items() if k.startswith("base.")}
             self.base.net.load_state_dict(base, strict=True)
 
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        b = self.embedding(y).to(z.dtype)
+    def forward(self, y: Tensor, z: Tensor, b: Tensor | None = None) -> Tensor:
+        """Samples for the measurements ``y`` and noise ``z``; ``b``, when given, is ``embedding(y)``."""
+        b = (self.embedding(y) if b is None else b).to(z.dtype)
         if tuple(b.shape[1:]) != self.event_shape or b.shape[0] != z.shape[0]:
             raise ValueError(f"z must have shape ({b.shape[0]}, {', '.join(map(str, self.event_shape))}); got {tuple(z.shape)}")
         sigma = torch.full((z.shape[0],), self.sigma_g, dtype=z.dtype, device=z.device)
@@ -256,7 +253,7 @@ class ConditionedAuxiliary(TrainedAuxiliary):
     network prior ``D_base`` is a LoRA copy of the prior; for an analytic prior it is the
     prior itself and only ``R_phi`` learns. ``R_phi`` is zero-initialized, so the auxiliary
     starts equal to the prior. With ``condition=False`` it is not given ``b(y)`` (and for a
-    network prior there is no ``R_phi``: the LoRA copy alone, as in the paper).
+    network prior there is no ``R_phi``: the LoRA copy alone, as in the PPM paper).
 
     :meth:`set_condition` gives the per-sample ``b(y)`` of the batch that :meth:`fit` and
     :meth:`denoiser` see next.

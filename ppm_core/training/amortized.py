@@ -65,7 +65,7 @@ class AmortizedConfig:
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of steps where the generator's lr is multiplied by lr_gamma
     lr_gamma: float = 0.3
     objective: str = "ppm"  # "ppm" (exact gradient) or "ikl" (DAVI's, biased)
-    aux_condition: str = "measurement"  # "measurement": per-y KL (exact); "none": the paper's marginal form
+    aux_condition: str = "measurement"  # "measurement": the exact per-y KL; "none": the marginal form of the PPM paper
     aux_steps: int = 2  # auxiliary DSM steps per generator step (2 widened the microscopy samples, 4 did not add to that)
     aux_lr: float = 2e-3  # AdamW learning rate of the auxiliary
     lora_rank: int = 8  # LoRA rank of the auxiliary's copy of a network prior
@@ -177,7 +177,7 @@ def train_amortized(
 
     Under ``torchrun --nproc_per_node=K`` each process draws ``batch_size / K`` measurements per
     step; the gradients of the generator and of the auxiliary are averaged over processes
-    (gloo on CPU, nccl on GPU), so every process holds the same weights. Only rank 0 writes.
+    (gloo on CPU, nccl on GPU), so every process has the same weights. Only rank 0 writes.
 
     Parameters
     ----------
@@ -228,6 +228,11 @@ def train_amortized(
     torch.manual_seed(config.seed)
     if resume:
         stored = read_amortized_config(out_dir)
+        fixed = ("objective", "aux_condition", "generator_sigma", "residual_width", "lora_rank")
+        changed = [f"{name} ({stored['training'].get(name)!r} -> {getattr(config, name)!r})" for name in fixed
+                   if stored.get("training", {}).get(name) != getattr(config, name)]
+        if changed:
+            raise ValueError(f"cannot resume {out_dir} with other settings of the networks or the loss: {', '.join(changed)}")
         embedding = MeasurementEmbedding(operator, stored["embedding"]["kind"], float(stored["embedding"]["scale"]))
     else:
         embedding = MeasurementEmbedding.fit(operator, measurements, reference=None if reference is None else reference.to(dtype))
@@ -278,9 +283,10 @@ def train_amortized(
         index = torch.randint(measurements.shape[0], (local_batch,), generator=rng)
         y = measurements[index].to(device)
         z = torch.randn((local_batch, *event_shape), generator=rng, dtype=dtype).to(device)
-        x = generator(y, z)
+        b = generator.embedding(y).to(dtype)
+        x = generator(y, z, b)
         if config.aux_condition == "measurement":
-            aux.set_condition(generator.embedding(y).to(dtype))
+            aux.set_condition(b)
 
         # Stage 1: the auxiliary's denoising score matching on this batch.
         aux_loss = aux.fit(x.detach(), rng, lambda params: _average_gradients(params, world_size))
@@ -299,7 +305,7 @@ def train_amortized(
         optimizer.step()
         step += 1
 
-        terms = torch.stack([loss.detach(), data_value.detach().mean(), prior_value.detach().mean(), torch.tensor(aux_loss, dtype=loss.dtype)])
+        terms = torch.stack([loss.detach(), data_value.detach().mean(), prior_value.detach().mean(), torch.tensor(aux_loss, dtype=loss.dtype, device=loss.device)])
         _flat_average([terms], world_size)
         values = dict(zip(("loss", "data term", "prior term", "auxiliary loss"), (float(v) for v in terms)))
         if not all(math.isfinite(v) for v in values.values()):
@@ -313,7 +319,7 @@ def train_amortized(
                         values["data term"], values["prior term"], values["auxiliary loss"], (time.perf_counter() - started) / (step - start_step))
         stop = bool(callback({"step": step, "steps": config.steps} | values)) if callback else False
         if world_size > 1:
-            flag = torch.tensor(float(stop))
+            flag = torch.tensor(float(stop), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag)
         if step % config.checkpoint_every == 0 or step == config.steps or stop:
