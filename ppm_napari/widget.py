@@ -114,13 +114,17 @@ class ReconstructionWidget(Container):
     # -------------------------------------------------------------------------------------------
     # Checking settings (everything here raises ValueError with a message for the user)
 
-    def _input_image(self) -> np.ndarray:
+    def _input_layer(self):
+        """Return the input layer and its data as float64, checked to be a single-channel image."""
         layer = self.image.value
         if layer is None:
             raise ValueError("choose an input image layer")
         if layer.rgb:
             raise ValueError(f"layer {layer.name!r} is an RGB image; super-resolution needs a single-channel widefield image")
-        data = np.asarray(layer.data, dtype=np.float64)
+        return layer, np.asarray(layer.data, dtype=np.float64)
+
+    def _input_image(self) -> np.ndarray:
+        layer, data = self._input_layer()
         if data.ndim == 3:
             if self.stack.value == STACK_CHOICES[1]:
                 plane = int(self.viewer.dims.current_step[0]) if len(self.viewer.dims.current_step) >= 3 else 0
@@ -160,13 +164,8 @@ class ReconstructionWidget(Container):
         return models.gaussian_psf(self.fwhm.value / fine_pixel), {"kind": "gaussian", "fwhm_nm": self.fwhm.value}
 
     def _input_frames(self) -> np.ndarray:
-        """Every plane of the input layer as ``(T, H, W)``."""
-        layer = self.image.value
-        if layer is None:
-            raise ValueError("choose an input image layer")
-        if layer.rgb:
-            raise ValueError(f"layer {layer.name!r} is an RGB image; super-resolution needs a single-channel widefield image")
-        data = np.asarray(layer.data, dtype=np.float64)
+        """Return every plane of the input layer as ``(T, H, W)``."""
+        layer, data = self._input_layer()
         if data.ndim not in (2, 3):
             raise ValueError(f"layer {layer.name!r} has {data.ndim} dimensions; a 2-D image or a 3-D stack is expected")
         return data.reshape(-1, *data.shape[-2:])

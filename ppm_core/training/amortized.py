@@ -46,7 +46,7 @@ from ..inference.ppm import ppm_prior_term
 from ..io import atomic_path
 from ..priors.base import Prior
 from ..priors.network import DiffusionPrior
-from .train import _distributed_context, step_generator
+from .train import _distributed_context, step_generator, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -317,11 +317,7 @@ def train_amortized(
         if step % config.log_every == 0 and rank == 0:
             logger.info("step %d/%d loss %.4g (data %.4g, prior %.4g, aux %.4g), %.2f s/step", step, config.steps, loss_value,
                         values["data term"], values["prior term"], values["auxiliary loss"], (time.perf_counter() - started) / (step - start_step))
-        stop = bool(callback({"step": step, "steps": config.steps} | values)) if callback else False
-        if world_size > 1:
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag)
+        stop = stop_requested(callback, {"step": step, "steps": config.steps} | values, world_size, device)
         if step % config.checkpoint_every == 0 or step == config.steps or stop:
             checkpoint(step, loss_value)
         if stop:

@@ -69,6 +69,19 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63))
 
 
+def stop_requested(callback: Callable[[dict], bool | None] | None, state: dict, world_size: int, device: torch.device) -> bool:
+    """Send ``state`` to the callback and return whether it requests a stop.
+
+    Under DDP a stop requested on any process stops all of them, so no process waits in a collective.
+    """
+    stop = bool(callback(state)) if callback else False
+    if world_size > 1:
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag)
+    return stop
+
+
 def _distributed_context(device: torch.device) -> tuple[int, int]:
     """Initialize torch.distributed when launched by torchrun; return ``(rank, world_size)``."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -238,12 +251,8 @@ def _train(
             raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower --lr (now {config.lr})")
         if step % config.log_every == 0 and rank == 0:
             logger.info("step %d/%d loss %.5f", step, config.steps, loss_value)
-        stop = bool(callback({"step": step, "steps": config.steps, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})) if callback else False
-        if world_size > 1:
-            # A stop requested on any process stops all of them, so no process waits in a collective.
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag)
+        stop = stop_requested(callback, {"step": step, "steps": config.steps, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]},
+                              world_size, device)
         if step % config.checkpoint_every == 0 or step == config.steps or stop:
             checkpoint(step, loss_value)
         if stop:
