@@ -1,5 +1,6 @@
 """Posterior inference: PPM particle VI and baselines on the same prior interface."""
 
+from .amortized import AmortizedModel, load_amortized
 from .api import DEFAULTS, METHODS, reconstruct
 from .auxiliary import AUX_KINDS, GaussianFitAuxiliary, KernelDensityAuxiliary, NetworkAuxiliary, ResidualAuxiliary
 from .common import DivergenceError, LogUniformSigma, Posterior, ReconstructionCancelled
@@ -7,6 +8,7 @@ from .ppm import ppm_surrogate
 
 __all__ = [
     "AUX_KINDS",
+    "AmortizedModel",
     "DEFAULTS",
     "METHODS",
     "DivergenceError",
@@ -17,6 +19,7 @@ __all__ = [
     "Posterior",
     "ReconstructionCancelled",
     "ResidualAuxiliary",
+    "load_amortized",
     "ppm_surrogate",
     "reconstruct",
 ]
