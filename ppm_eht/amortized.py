@@ -15,16 +15,19 @@ to Gaussian only at high signal-to-noise ratio, so low-SNR closures are simulate
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ppm_core.inference.amortized import AmortizedModel, load_amortized, read_amortized_config
+from ppm_core.inference.api import _is_int
 from ppm_core.priors.base import Prior
 from ppm_core.priors.network import DiffusionPrior
 from ppm_core.training.amortized import AmortizedConfig, train_amortized
@@ -44,7 +47,7 @@ def synthetic_observations(problem: ClosureProblem, n: int, images: str = "rings
     Returns the prior-space images ``(n, 1, npix, npix)`` and their noisy closure products
     ``(n, *problem.operator.out_shape)`` (closure phases in radians, then log closure amplitudes).
     """
-    if not isinstance(n, int) or n < 1:
+    if not _is_int(n) or n < 1:
         raise ValueError(f"the number of observations must be a positive integer; got {n!r}")
     source = SyntheticSource(images)
     if source.normalization.get("method") != "fixed":
@@ -94,7 +97,7 @@ def train_on_coverage(
     _, measurements = synthetic_observations(problem, n_observations, images, seed)
     info = {
         "task": TASK,
-        "coverage": {"source": problem.processed.source, "mjd": int(problem.processed.mjd), "rf_ghz": problem.processed.rf / 1e9},
+        "coverage": coverage_of(problem),
         "images": images,
         "observations": n_observations,
         "n_cphase": len(problem.data.cphase),
@@ -121,6 +124,16 @@ def compact_source(problem: ClosureProblem, fwhm_uas: float = 20.0) -> Tensor:
     return ((brightness - operator.offset) / operator.scale).reshape(1, 1, npix, npix).float()
 
 
+def coverage_of(problem: ClosureProblem) -> dict[str, Any]:
+    """Describe the coverage of a closure problem: source, date, frequency and a SHA-256 of its (u, v) points and closure sets."""
+    data = problem.data
+    digest = hashlib.sha256()
+    for array in (data.uv, data.cphase_index, data.logcamp_index):
+        digest.update(np.ascontiguousarray(np.round(np.asarray(array, dtype=np.float64), 3)).tobytes())
+    obs = problem.processed
+    return {"source": obs.source, "mjd": int(obs.mjd), "rf_ghz": obs.rf / 1e9, "sha256": digest.hexdigest()}
+
+
 def model_problem(model_dir, obs, total_flux: float | None = None) -> tuple[ClosureProblem, dict]:
     """Build the closure problem of ``obs`` on the grid and with the settings of an amortized VLBI model."""
     config = read_amortized_config(model_dir)
@@ -135,6 +148,11 @@ def model_problem(model_dir, obs, total_flux: float | None = None) -> tuple[Clos
     if found != expected:
         raise ValueError(f"the model was trained on a coverage with {expected[0]} closure phases and {expected[1]} log closure amplitudes; "
                          f"this observation has {found[0]} and {found[1]}. An amortized model applies to one array's (u, v) coverage")
+    trained = info.get("coverage", {})
+    if trained.get("sha256") != coverage_of(problem)["sha256"]:
+        raise ValueError(f"the model was trained on the (u, v) coverage of {trained.get('source')} MJD {trained.get('mjd')} at "
+                         f"{trained.get('rf_ghz', float('nan')):.1f} GHz; this observation's (u, v) points or closure sets differ. "
+                         "An amortized model applies to one array's (u, v) coverage")
     return problem, config
 
 
@@ -142,7 +160,7 @@ def reconstruct_amortized(obs, model_dir, n_samples: int = 16, seed: int = 0, to
                           center: bool = True, device: str = "cpu") -> VLBIPosterior:
     """Posterior samples of the image behind ``obs`` from an amortized model, one generator pass each."""
     start = time.perf_counter()
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+    if not _is_int(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}")
     problem, config = model_problem(model_dir, obs, total_flux)
     model = load_amortized(model_dir, problem.operator, device=device)

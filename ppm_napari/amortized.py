@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ppm_core.inference.amortized import AmortizedModel, load_amortized
+from ppm_core.inference.api import _is_int
 from ppm_core.operators import SignalDependentNoise
 from ppm_core.priors.base import Prior
 from ppm_core.training.amortized import AmortizedConfig, train_amortized
@@ -98,9 +99,9 @@ def train_on_stack(
     """
     stack = _check_stack(frames)
     psf = np.asarray(psf, dtype=np.float64)
-    if not isinstance(tile_size, int) or tile_size < 16:
+    if not _is_int(tile_size) or tile_size < 16:
         raise ValueError(f"tile_size must be an integer of at least 16 camera pixels; got {tile_size!r}")
-    if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size:
+    if not _is_int(tile_overlap) or not 0 <= tile_overlap < tile_size:
         raise ValueError(f"tile_overlap must be an integer in [0, tile_size); got {tile_overlap!r}")
     SuperResolution(psf, scale, (tile_size, tile_size))  # raises ValueError for a bad psf or scale
     channels = getattr(prior, "in_channels", 1)
@@ -137,11 +138,19 @@ def model_operator(config: dict[str, Any]) -> SuperResolution:
     info = config.get("description", {})
     if info.get("task") != TASK:
         raise ValueError(f"the amortized model was trained for {info.get('task', 'another task')!r}, not {TASK!r}")
-    noise = SignalDependentNoise(**{k: info["noise"][k] for k in ("slope", "intercept", "min_variance")})
-    normalization = info["normalization"]
-    tile = int(info["tile_size"])
-    return SuperResolution(np.asarray(info["psf"]), int(info["scale"]), (tile, tile),
-                           noise=noise.rescaled(normalization["offset"], normalization["scale"]))
+    try:
+        noise = SignalDependentNoise(**{k: info["noise"][k] for k in ("slope", "intercept", "min_variance")})
+        normalization = info["normalization"]
+        tile = int(info["tile_size"])
+        psf = np.asarray(info["psf"], dtype=np.float64)
+        scale = int(info["scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the amortized model's config lacks a valid description entry ({exc!r})") from exc
+    if hashlib.sha256(np.ascontiguousarray(psf).tobytes()).hexdigest() != info.get("psf_sha256"):
+        raise ValueError("the amortized model's stored PSF does not match its psf_sha256; the config was edited or is corrupt")
+    if not normalization.get("scale"):
+        raise ValueError(f"the amortized model's intensity map has scale {normalization.get('scale')!r}; the config is corrupt")
+    return SuperResolution(psf, scale, (tile, tile), noise=noise.rescaled(normalization["offset"], normalization["scale"]))
 
 
 def load_model(directory, device: str = "cpu") -> AmortizedModel:
@@ -167,7 +176,7 @@ def apply_to_frames(
     """
     from ppm_core.inference.common import ReconstructionCancelled
 
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+    if not _is_int(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}")
     stack = _check_stack(frames)
     info = model.config["description"]

@@ -55,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_optics_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=int, default=2, help="super-resolution factor (default: %(default)s)")
+    p.add_argument("--scale", type=int, default=None, help="super-resolution factor (default: 2; with --amortized, the model's)")
     p.add_argument("--pixel-size", type=float, default=None,
                    help="camera pixel size in nm; read from OME/ImageJ metadata when present")
     psf = p.add_argument_group("PSF (one of)")
@@ -101,6 +101,7 @@ def run_train_amortized(args: argparse.Namespace) -> int:
     from .amortized import train_on_stack
     from .io import read_widefield, resolve_pixel_size
 
+    args.scale = 2 if args.scale is None else args.scale
     if args.scale < 1:
         raise ValueError(f"--scale must be a positive integer; got {args.scale}")
     config = amortized_config(args)
@@ -197,7 +198,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         if args.truth is None:
             raise ValueError("--metrics-json needs --truth (a ground-truth TIFF)")
         _check_output_file(args.metrics_json, "--metrics-json")
-    if args.scale < 1:
+    if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale must be a positive integer; got {args.scale}")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1; got {args.samples}")
@@ -207,6 +208,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError("--each-frame needs --amortized MODEL; particle methods reconstruct one (averaged) image")
     if args.amortized is not None:
         return _run_amortized(args)
+    args.scale = 2 if args.scale is None else args.scale
     import tifffile
 
     widefield, n_frames = read_widefield(args.widefield)
@@ -288,22 +290,35 @@ def _run_amortized(args: argparse.Namespace) -> int:
     from .amortized import apply_to_frames, load_model
     from .io import read_widefield, resolve_pixel_size, write_result
 
-    ignored = [name for name, value in (("--na", args.na), ("--psf", args.psf), ("--otf", args.otf), ("--gaussian-fwhm", args.gaussian_fwhm),
-                                        ("--steps", args.steps), ("--prior", args.prior), ("--tile-size", args.tile_size)) if value is not None]
-    if args.method != "ppm" or args.noise != "estimate":
-        ignored += ["--method"] * (args.method != "ppm") + ["--noise"] * (args.noise != "estimate")
+    options = {"--na": args.na, "--wavelength": args.wavelength, "--psf": args.psf, "--psf-pixel-size": args.psf_pixel_size,
+             "--otf": args.otf, "--gaussian-fwhm": args.gaussian_fwhm, "--steps": args.steps, "--prior": args.prior,
+             "--tile-size": args.tile_size, "--tile-overlap": args.tile_overlap, "--noise-std": args.noise_std, "--gain": args.gain,
+             "--frames-averaged": args.frames_averaged}
+    ignored = [name for name, value in options.items() if value is not None]
+    ignored += [name for name, value, default in (("--method", args.method, "ppm"), ("--noise", args.noise, "estimate"),
+                                                  ("--offset", args.offset, 0.0), ("--read-noise", args.read_noise, 0.0)) if value != default]
     if ignored:
         logger.warning("with --amortized the model's own settings are used; ignoring %s", ", ".join(ignored))
     if args.truth is not None:
         raise ValueError("--truth/--metrics-json are not available with --amortized; score the written mean with ppm_napari.metrics")
     model = load_model(args.amortized, device=_resolve_device(args.device))
     info = model.config["description"]
-    if args.scale != int(info["scale"]):
-        raise ValueError(f"--scale {args.scale} differs from the model's scale ({info['scale']})")
+    if args.scale is not None and args.scale != int(info["scale"]):
+        raise ValueError(f"--scale {args.scale} differs from the model's scale ({info['scale']}); leave --scale out to use the model's")
+    args.scale = int(info["scale"])
     frames, n_frames = read_widefield(args.widefield, frames="all" if args.each_frame else "mean")
     frames = frames if args.each_frame else frames[None]
-    pixel_size = resolve_pixel_size(args.widefield, args.pixel_size)
+    if n_frames > 1 and not args.each_frame:
+        logger.warning("the %d frames are averaged, but the model's noise model is that of one frame; the samples are then wider "
+                       "than the posterior of the mean. Use --each-frame for a model trained on single frames", n_frames)
     trained_pixel = info.get("input_pixel_size_nm")
+    try:
+        pixel_size = resolve_pixel_size(args.widefield, args.pixel_size)
+    except ValueError:
+        if args.pixel_size is not None or not trained_pixel:
+            raise
+        pixel_size = float(trained_pixel)
+        logger.info("the image has no pixel size in its metadata; using the model's %g nm", pixel_size)
     if trained_pixel and abs(pixel_size / trained_pixel - 1) > 0.01:
         raise ValueError(f"the image's pixel size ({pixel_size:g} nm) differs from the one the model was trained on ({trained_pixel:g} nm)")
     from tqdm import tqdm

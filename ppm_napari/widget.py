@@ -253,7 +253,7 @@ class ReconstructionWidget(Container):
             fine_pixel = self.pixel_size.value / self.scale.value
             psf, psf_info = self._psf(fine_pixel)
             prior = load_prior(Path(str(self.prior.value)))
-            tile = self.tile_size.value or 32
+            tile = self.tile_size.value or min(32, *frames.shape[-2:])  # 32 camera pixels, or the whole frame when smaller
             job = {"frames": frames, "psf": psf, "prior": prior, "out_dir": folder, "scale": self.scale.value, "tile_size": tile,
                    "tile_overlap": tile // 2, "config": AmortizedConfig(steps=self.train_steps.value, seed=self.seed.value),
                    "description": {"input_pixel_size_nm": self.pixel_size.value, "pixel_size_nm": fine_pixel, "psf_source": psf_info,

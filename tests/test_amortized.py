@@ -257,3 +257,39 @@ def test_resume_with_other_loss_raises(image_problem, tmp_path):
     train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=1, batch_size=4))
     with pytest.raises(ValueError, match=r"cannot resume .* aux_condition \('measurement' -> 'none'\)"):
         train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=2, batch_size=4, aux_condition="none"), resume=True)
+
+
+def test_resume_rejects_other_data_and_done_runs(image_problem, tmp_path):
+    prior, operator, ys = image_problem
+    config = AmortizedConfig(steps=2, batch_size=4)
+    train_amortized(ys, operator, prior, tmp_path / "m", config, description={"psf_sha256": "a"})
+    with pytest.raises(ValueError, match="already contains a model; pass resume=True"):
+        train_amortized(ys, operator, prior, tmp_path / "m", config)
+    with pytest.raises(ValueError, match=r"cannot resume .* differ from the model's \(measurements: 32 -> 16"):
+        train_amortized(ys[:16], operator, prior, tmp_path / "m", AmortizedConfig(steps=4, batch_size=4), resume=True,
+                        description={"psf_sha256": "a"})
+    with pytest.raises(ValueError, match="description: differ in psf_sha256"):
+        train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=4, batch_size=4), resume=True,
+                        description={"psf_sha256": "b"})
+    with pytest.raises(ValueError, match="already trained for 2 steps"):
+        train_amortized(ys, operator, prior, tmp_path / "m", config, resume=True, description={"psf_sha256": "a"})
+    # A checkpoint whose files come from different steps is not resumed.
+    state = tmp_path / "m" / "training_state" / "state.json"
+    scalars = json.loads(state.read_text())
+    state.write_text(json.dumps(scalars | {"step": 1}))
+    with pytest.raises(ValueError, match="is from step 2 but training_state/state.json from step 1"):
+        train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=4, batch_size=4), resume=True,
+                        description={"psf_sha256": "a"})
+    (tmp_path / "m" / "training_state" / "state.safetensors").write_bytes(b"junk")
+    state.write_text(json.dumps(scalars))
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        train_amortized(ys, operator, prior, tmp_path / "m", AmortizedConfig(steps=4, batch_size=4), resume=True,
+                        description={"psf_sha256": "a"})
+
+
+def test_float64_model_reloads_exactly(gaussian_sets, tmp_path):
+    problem, train_y, test_y = gaussian_sets
+    model = train_amortized(train_y, problem.operator, problem.prior, tmp_path / "m", AmortizedConfig(steps=3, batch_size=8))
+    loaded = load_amortized(tmp_path / "m", problem.operator, prior=problem.prior)
+    assert loaded.generator.dtype == torch.float64
+    torch.testing.assert_close(loaded.sample(test_y[0], 5, seed=2).samples, model.sample(test_y[0], 5, seed=2).samples, rtol=0, atol=0)

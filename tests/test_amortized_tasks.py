@@ -173,7 +173,15 @@ def test_cli_train_then_reconstruct_eht(tmp_path):
     posterior = read_posterior_fits(out)
     assert len(posterior["samples"]) == 4
     assert json.loads(summary.read_text())["parameters"]["method"] == "ppm-amortized"
-    # A model for another coverage is rejected, and the message gives the closure counts.
+    # A model for another coverage is rejected: other closure counts, or other (u, v) points.
+    from ppm_eht.amortized import model_problem
+    from ppm_eht.data import load_uvfits
+
+    edited = json.loads(json.dumps(config))
+    edited["description"]["coverage"]["sha256"] = "0" * 64
+    (model / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"\(u, v\) points or closure sets differ"):
+        model_problem(model, load_uvfits(M87))
     config["description"]["n_cphase"] += 1
     (model / "config.json").write_text(json.dumps(config))
     assert _run("eht", "reconstruct", M87, "--amortized", model, "--out", out) == 2

@@ -378,7 +378,7 @@ def read_amortized_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("kind") != MODEL_KIND:
         found = config.get("kind") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{path} is not an amortized model config (kind must be {MODEL_KIND!r}; got {found!r}); "
-                         "a diffusion prior folder goes to --prior, not --amortized")
+                         "give the folder written by train-amortized (a diffusion prior folder goes to --prior)")
     return config
 
 
@@ -414,6 +414,9 @@ def load_amortized(directory: str | os.PathLike, operator, prior: Prior | None =
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"amortized model weights {weights} are corrupt or not a safetensors file: {exc}") from exc
+    # The weights' own dtype (float32 for network priors, the analytic prior's otherwise), set before loading so no digit is lost.
+    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    generator = generator.to(dtype=dtype)
     try:
         generator.load_state_tensors(tensors)
     except RuntimeError as exc:
@@ -421,7 +424,7 @@ def load_amortized(directory: str | os.PathLike, operator, prior: Prior | None =
     non_finite = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if non_finite:
         raise ValueError(f"amortized model weights {weights} contain NaN or infinite values in {non_finite[:3]}")
-    generator = generator.to(device).requires_grad_(False)
+    generator = generator.to(device=device).requires_grad_(False)
     if generator.is_network:
         generator.base.eval()
     logger.info("loaded amortized model from %s (trained %s steps)", directory, config.get("trained_steps"))

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -176,8 +177,8 @@ def train_amortized(
     """Train a generator ``x = f_theta(y, z)`` on ``measurements`` and save it to ``out_dir``.
 
     Under ``torchrun --nproc_per_node=K`` each process draws ``batch_size / K`` measurements per
-    step; the gradients of the generator and of the auxiliary are averaged over processes
-    (gloo on CPU, nccl on GPU), so every process has the same weights. Only rank 0 writes.
+    step. The gradients of the generator and of the auxiliary are averaged over processes (gloo
+    on CPU, nccl on GPU), so every process has the same weights. Only rank 0 writes.
 
     Parameters
     ----------
@@ -224,16 +225,23 @@ def train_amortized(
     local_batch = config.batch_size // world_size
     event_shape = tuple(int(s) for s in operator.in_shape)
 
+    # What the model is trained on; a resumed run must match it.
+    problem = json.loads(json.dumps({
+        "in_shape": list(event_shape),
+        "out_shape": [int(s) for s in operator.out_shape],
+        "prior": prior.config_dict() if isinstance(prior, DiffusionPrior) else {"kind": type(prior).__name__},
+        "measurements": int(measurements.shape[0]),
+        "description": dict(description or {}),
+    }, default=str))
+
     # Every process builds the same networks from the same seed.
     torch.manual_seed(config.seed)
     if resume:
         stored = read_amortized_config(out_dir)
-        fixed = ("objective", "aux_condition", "generator_sigma", "residual_width", "lora_rank")
-        changed = [f"{name} ({stored['training'].get(name)!r} -> {getattr(config, name)!r})" for name in fixed
-                   if stored.get("training", {}).get(name) != getattr(config, name)]
-        if changed:
-            raise ValueError(f"cannot resume {out_dir} with other settings of the networks or the loss: {', '.join(changed)}")
+        _check_resumable(stored, problem, config, out_dir)
         embedding = MeasurementEmbedding(operator, stored["embedding"]["kind"], float(stored["embedding"]["scale"]))
+    elif (out_dir / "config.json").exists():
+        raise ValueError(f"{out_dir} already contains a model; pass resume=True (--resume) to continue training it, or choose another folder")
     else:
         embedding = MeasurementEmbedding.fit(operator, measurements, reference=None if reference is None else reference.to(dtype))
     generator = AmortizedGenerator(prior, embedding, event_shape, config.generator_sigma, config.residual_width).to(device=device, dtype=dtype)
@@ -256,15 +264,10 @@ def train_amortized(
     model_config: dict[str, Any] = {
         "kind": MODEL_KIND,
         "format_version": FORMAT_VERSION,
-        "in_shape": list(event_shape),
-        "out_shape": [int(s) for s in operator.out_shape],
-        "prior": prior.config_dict() if isinstance(prior, DiffusionPrior) else {"kind": type(prior).__name__},
         "generator": {"sigma": config.generator_sigma, "width": config.residual_width},
         "embedding": embedding.to_dict(),
         "training": asdict(config) | {"lr_milestones": list(config.lr_milestones), "world_size": world_size},
-        "measurements": int(measurements.shape[0]),
-        "description": dict(description or {}),
-    }
+    } | problem
 
     def checkpoint(step: int, loss: float) -> None:
         if rank == 0:
@@ -285,6 +288,9 @@ def train_amortized(
         z = torch.randn((local_batch, *event_shape), generator=rng, dtype=dtype).to(device)
         b = generator.embedding(y).to(dtype)
         x = generator(y, z, b)
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(f"amortized training: the generator's samples became NaN or infinite at step {step + 1}; "
+                                     f"lower lr (now {config.lr})")
         if config.aux_condition == "measurement":
             aux.set_condition(b)
 
@@ -336,6 +342,39 @@ def train_amortized(
     return model
 
 
+def _check_resumable(stored: dict[str, Any], problem: dict[str, Any], config: AmortizedConfig, out_dir: Path) -> None:
+    """Raise ``ValueError`` unless ``config`` and the training problem match the model being resumed."""
+    fixed = ("objective", "aux_condition", "generator_sigma", "residual_width", "lora_rank")
+    training = stored.get("training", {})
+    changed = [f"{name} ({training.get(name)!r} -> {getattr(config, name)!r})" for name in fixed if training.get(name) != getattr(config, name)]
+    if changed:
+        raise ValueError(f"cannot resume {out_dir} with other settings of the networks or the loss: {', '.join(changed)}")
+    different = [key for key in problem if _comparable(stored.get(key)) != _comparable(problem[key])]
+    if different:
+        details = "; ".join(f"{key}: {_differences(stored.get(key), problem[key])}" for key in different)
+        raise ValueError(f"cannot resume {out_dir}: the training data or the forward model differ from the model's ({details}). "
+                         "Resume with the same data and settings, or train a new model in another folder")
+    trained = int(stored.get("trained_steps") or 0)
+    if config.steps <= trained:
+        raise ValueError(f"{out_dir} is already trained for {trained} steps; pass a larger steps (--steps) to continue")
+
+
+#: Description entries that name files rather than describe the data; the same data may be given by another path.
+PATH_ENTRIES = ("input", "uvfits", "prior_folder", "layer", "psf_source")
+
+
+def _comparable(value):
+    return {k: v for k, v in value.items() if k not in PATH_ENTRIES} if isinstance(value, dict) else value
+
+
+def _differences(old, new) -> str:
+    old, new = _comparable(old), _comparable(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "differ in " + ", ".join(keys[:5])
+    return f"{str(old)[:60]} -> {str(new)[:60]}"
+
+
 def _save_state(directory: Path, aux: ConditionedAuxiliary, optimizer, aux_optimizer, step: int) -> None:
     state_dir = directory / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -353,9 +392,21 @@ def _load_state(directory: Path, generator: AmortizedGenerator, aux: Conditioned
     state_dir = directory / STATE_DIR
     if not (state_dir / "state.json").is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"cannot resume: no amortized training state in {directory}")
-    scalars = json.loads((state_dir / "state.json").read_text())
-    generator.load_state_tensors(load_file(str(directory / WEIGHTS_NAME)))
-    tensors = load_file(str(state_dir / "state.safetensors"))
+    try:
+        scalars = json.loads((state_dir / "state.json").read_text())
+        step = int(scalars["step"])
+        generator_tensors = load_file(str(directory / WEIGHTS_NAME))
+        tensors = load_file(str(state_dir / "state.safetensors"))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise ValueError(f"cannot resume: the training state in {directory} is corrupt or incomplete ({exc!r})") from exc
+    trained = read_amortized_config(directory).get("trained_steps")
+    if trained != step:
+        raise ValueError(f"cannot resume: {WEIGHTS_NAME} is from step {trained} but {STATE_DIR}/state.json from step {step} "
+                         "(an interrupted checkpoint); train a new model")
+    try:
+        generator.load_state_tensors(generator_tensors)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot resume: {directory / WEIGHTS_NAME} does not match the generator ({exc})") from exc
     named = dict(aux.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
@@ -366,4 +417,4 @@ def _load_state(directory: Path, generator: AmortizedGenerator, aux: Conditioned
                 named[name].copy_(value)
     _load_optimizer(optimizer, tensors, "optimizer", scalars["optimizer_groups"])
     _load_optimizer(aux_optimizer, tensors, "aux_optimizer", scalars["aux_optimizer_groups"])
-    return int(scalars["step"])
+    return step
