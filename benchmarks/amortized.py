@@ -1,9 +1,9 @@
 """Amortized PPM against particle PPM and DPS on held-out measurements, microscopy and VLBI.
 
 Microscopy: synthetic filament images (the family of the shipped prior) on a 64x64 grid of
-31.3 nm pixels, blurred with the PSF from the BioSR 488 nm OTF in sample_data/, averaged 2x2
-onto 62.6 nm camera pixels, with Gaussian noise of std 0.05 in the prior's units (where the
-image spans about [-1, 1]). VLBI: ring images (the family of the shipped ring prior) observed
+31.3 nm pixels. They are blurred with the PSF from the BioSR 488 nm OTF in sample_data/ and
+averaged 2x2 onto 62.6 nm camera pixels. Gaussian noise of std 0.05 is added in the prior's
+units, where the image spans about [-1, 1]. VLBI: ring images (the family of the shipped ring prior) observed
 with the (u, v) coverage and closure sigmas of M87, 2017 April 11, with 2% systematic noise.
 
 The amortized generators are trained here, on measurements only, then all three methods
@@ -94,7 +94,7 @@ def micro_task(args, workdir: Path):
 
 def eht_task(args, workdir: Path):
     from ppm_eht.amortized import compact_source, synthetic_observations
-    from ppm_eht.data import load_uvfits
+    from ppm_eht.data import UAS, load_uvfits
     from ppm_eht.reconstruct import EHT_DEFAULTS, center_image, closure_problem
 
     prior = load_prior(EHT_PRIOR)
@@ -105,7 +105,7 @@ def eht_task(args, workdir: Path):
     config = AmortizedConfig(steps=args.eht_steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.eht_steps, log_every=100)
     model, train_seconds = timed(lambda: train_amortized(train_y.float(), operator, prior, workdir / "eht", config,
                                                          reference=compact_source(problem)))
-    psize = problem.data.psize / 4.84813681109536e-12
+    psize = problem.data.psize / UAS
 
     def to_images(samples):
         with torch.no_grad():
@@ -201,8 +201,10 @@ def main() -> None:
                         help="tasks to run; each writes its own section")
     parser.add_argument("--update", type=Path, nargs="+", default=[], help="Markdown pages whose section to replace")
     args = parser.parse_args()
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
+
     for task in args.tasks:
         buffer = io.StringIO()
         with tempfile.TemporaryDirectory() as tmp, redirect_stdout(buffer):

@@ -116,7 +116,7 @@ class ClosureOperator(Operator):
     def observed_closures(self, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
         """Closure phases and log closure amplitudes to compare ``x`` with: the data's own, or those in ``y``.
 
-        ``y`` is shaped like :meth:`measurement`, with a batch of one or of ``x``'s length; it lets
+        ``y`` is shaped like :meth:`measurement`, with a batch of one or of ``x``'s length. It lets
         one (u, v) coverage and its uncertainties serve many measurements (amortized training).
         """
         if y is None:

@@ -146,9 +146,9 @@ def _axis_weight(start: int, stop: int, starts: list[int], tile: int, scale: int
 class TileBlender:
     """Overlapping tiles of an image (camera pixels) and the blend of their fine-grid samples.
 
-    Tiles of ``tile`` pixels overlap by at least ``overlap``; each tile's samples are weighted by
-    linear ramps across its overlaps (which sum to 1) and accumulated into the samples, the mean
-    and the variance of the whole fine image.
+    Tiles of ``tile`` pixels overlap by at least ``overlap``. Each tile's samples are weighted by
+    linear ramps across its overlaps (which sum to 1) and added to the samples, the mean and the
+    variance of the whole fine image.
     """
 
     def __init__(self, shape: tuple[int, int], tile: int, overlap: int, scale: int, n_samples: int):

@@ -64,11 +64,12 @@ def test_measurement_conditioned_aux_matches_every_posterior(gaussian_sets, tmp_
     model = train_amortized(train_y, problem.operator, problem.prior, tmp_path / "model", AmortizedConfig(**GAUSSIAN_CONFIG))
     worst_mean, low, high = _errors(problem, model, test_y)
     assert worst_mean < 0.2
-    assert 0.9 < low and high < 1.1
+    assert low > 0.9
+    assert high < 1.1
 
 
 def test_marginal_aux_gives_too_narrow_samples(gaussian_sets, tmp_path):
-    """The paper's marginal form targets E_y KL - I(x; y), which rewards samples that follow y too closely.
+    """The marginal form of the PPM paper targets E_y KL - I(x; y), which rewards samples that follow y too closely.
 
     Its entropy term is that of the mixture over y, whose gradient is weaker, so the per-y spread
     shrinks. The benchmark measured std ratios of 0.73-0.99 (docs/amortized.md). The test checks
@@ -154,7 +155,7 @@ def test_untrained_generator_is_the_prior_denoiser(image_problem, tmp_path):
 
 
 def test_untrained_auxiliary_is_the_prior(image_problem):
-    """The conditioned auxiliary (LoRA copy plus a residual that sees b(y)) starts equal to the prior."""
+    """The conditioned auxiliary (LoRA copy plus a residual fed b(y)) starts equal to the prior."""
     import copy
 
     from ppm_core.inference.amortized import ConditionedAuxiliary

@@ -1,7 +1,7 @@
 """Amortized PPM: one generator ``x = f_theta(y, z)`` for every measurement of a forward model.
 
 The generator is trained on measurements alone (no ground truth) with the PPM loss
-(:func:`ppm_core.training.amortized.train_amortized`); after that, a posterior sample of a new
+(:func:`ppm_core.training.amortized.train_amortized`). After that, a posterior sample of a new
 measurement costs one forward pass.
 
 Generator. With ``b(y)`` an image-shaped view of the measurement (see
@@ -18,11 +18,11 @@ cannot separate ``y`` from ``z``, so the residual gets both: for a linear-Gaussi
 Auxiliary score. The PPM gradient needs the score of the generator's output distribution. Two
 forms (option ``aux_condition``):
 
-- ``"measurement"`` (default): ``s_phi(x_sigma, sigma; y)`` sees ``b(y)``, so it learns the score
+- ``"measurement"`` (default): ``s_phi(x_sigma, sigma; y)`` takes ``b(y)`` as input, so it learns the score
   of ``q(x | y)`` for each ``y``. The loss is then the average over measurements of the exact
   per-measurement ``KL(q(. | y) || p(. | y))``, whose minimum is the posterior for every ``y``.
-- ``"none"``: ``s_phi`` ignores ``y``, as in the Principled Posterior Matching paper. It learns the score of the mixture
-  ``q(x) = E_y q(x | y)`` and the loss becomes ``E_y E_q[-log p(y | x)] + KL(q(x) || p(x))``.
+- ``"none"``: ``s_phi`` ignores ``y``, as in the Principled Posterior Matching paper. It learns
+  the score of the mixture ``q(x) = E_y q(x | y)`` and the loss becomes ``E_y E_q[-log p(y | x)] + KL(q(x) || p(x))``.
   This equals the per-measurement objective minus the mutual information ``I(x; y)`` under
   ``q``, so it rewards samples that depend on ``y`` more than the posterior does. Measured on
   the linear-Gaussian problem (tests and docs/amortized.md), it gives too narrow samples.
@@ -30,6 +30,7 @@ forms (option ``aux_condition``):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -146,7 +147,6 @@ class _ConditionedResidual(nn.Module):
         super().__init__()
         channels, height, width_px = event_shape
         self.is_vector = height == 1
-        self.event_shape = tuple(event_shape)
         if self.is_vector:
             d = channels * width_px
             self.body = _LinearPlusMLP(d * (1 + condition_channels // channels) + 1, d, width or 256)
@@ -195,8 +195,6 @@ class AmortizedGenerator(nn.Module):
         self.sigma_data = float(getattr(prior, "sigma_data", 1.0))
         self.is_network = isinstance(prior, DiffusionPrior)
         if self.is_network:
-            import copy
-
             self.base = copy.deepcopy(prior).requires_grad_(True).train()
         else:
             self.base = prior

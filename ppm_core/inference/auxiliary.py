@@ -122,7 +122,7 @@ class TrainedAuxiliary(Auxiliary):
         return [p for p in self.parameters() if p.requires_grad]
 
     def optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW optimizer of the trainable parameters, created on first use."""
+        """Return the AdamW optimizer of the trainable parameters, created on first use."""
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
         return self._optimizer

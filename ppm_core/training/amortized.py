@@ -207,7 +207,7 @@ def train_amortized(
     Returns
     -------
     AmortizedModel
-        The trained generator; ``model.history`` holds the per-step losses of this run.
+        The trained generator; ``model.history`` contains the per-step losses of this run.
     """
     config = config or AmortizedConfig()
     device = torch.device(device)
